@@ -1,0 +1,248 @@
+/**
+ * The data channel (PROTOCOL.md §6–§7): AES-256-CBC records, encrypt-then-MAC, with a cumulative HMAC chain per
+ * direction.
+ *
+ *   Frame, one direction (steps D1 send, D2 receive)
+ *     0          4         20                 20+L                 52+L
+ *     | L (u32be) | IV (16) | ciphertext (L)   | chain_n (32)        |
+ *
+ *   chain_n = HMAC-SHA256(K_mac, chain_(n-1) ‖ L ‖ IV ‖ ciphertext), chain_0 from the handshake (§5)
+ *   plaintext = type (1) ‖ payload (0 … MAX_PAYLOAD), PKCS#7 padded, so 16 ≤ L ≤ MAX_CIPHERTEXT and L % 16 = 0
+ *
+ * Receive order (D2) is fixed: bound L → buffer the frame → recompute the MAC → constant-time compare → decrypt
+ * → advance the chain → check the record type → deliver. Nothing of a frame that failed is ever delivered, and
+ * after a failure the receiver refuses everything.
+ */
+import { equalBytes, randomBytes } from '@noble/ciphers/utils.js';
+import { type Engine, type KeyedMac, MAC_LEN } from './engine.ts';
+import type { DirectionKeys } from './handshake.ts';
+import { IV_LEN } from './handshake.ts';
+import { VpnError } from './errors.ts';
+
+// ---- Specification constants (PROTOCOL.md §6) ----
+export const LEN_LEN = 4;
+export const BLOCK = 16;
+export const TYPE_LEN = 1;
+/** Largest payload of one record. */
+export const MAX_PAYLOAD = 65536;
+export const MAX_CIPHERTEXT = (Math.floor((TYPE_LEN + MAX_PAYLOAD) / BLOCK) + 1) * BLOCK; // 65552
+export const MIN_CIPHERTEXT = BLOCK;
+export const HEADER_LEN = LEN_LEN + IV_LEN; // 20
+export const FRAME_OVERHEAD = HEADER_LEN + MAC_LEN; // 52 (+ padding)
+export const MAX_FRAME = FRAME_OVERHEAD + MAX_CIPHERTEXT;
+
+/** Record types (§7). */
+export const RECORD = {
+  /** application bytes (stdio, forward) or one IP packet (tun) */
+  DATA: 0x00,
+  /** the sender will send no more DATA: half-close, authenticated end of stream */
+  CLOSE: 0x01,
+  /** keepalive probe, answered by PONG */
+  PING: 0x02,
+  PONG: 0x03,
+  /** session set-up, JSON; each side sends exactly one, first (§8) */
+  CONFIG: 0x04,
+} as const;
+export type RecordType = (typeof RECORD)[keyof typeof RECORD];
+const KNOWN_TYPES = new Set<number>(Object.values(RECORD));
+
+/** Per-frame trace for `-v`: the fields of §6 as they go out or come in. */
+export type FrameTracer = (dir: 'send' | 'recv', type: number, len: number, iv: Uint8Array, chain: Uint8Array) => void;
+
+function paddedLen(plaintextLen: number): number {
+  return (Math.floor(plaintextLen / BLOCK) + 1) * BLOCK;
+}
+
+// IVs come from a pooled CSPRNG read so that a frame does not cost a getRandomValues call of its own.
+const IV_POOL_SIZE = 4096;
+let ivPool = new Uint8Array(0);
+let ivPoolOff = 0;
+function nextIv(out: Uint8Array): void {
+  if (ivPoolOff + IV_LEN > ivPool.length) {
+    ivPool = randomBytes(IV_POOL_SIZE);
+    ivPoolOff = 0;
+  }
+  out.set(ivPool.subarray(ivPoolOff, ivPoolOff + IV_LEN));
+  ivPool.fill(0, ivPoolOff, ivPoolOff + IV_LEN);
+  ivPoolOff += IV_LEN;
+}
+
+/** D1: seals records for one direction. */
+export class ChannelSender {
+  private readonly engine: Engine;
+  private readonly enc: Uint8Array;
+  private readonly mac: KeyedMac;
+  private chain: Uint8Array;
+  private readonly ivSource?: (n: number) => Uint8Array;
+  trace?: FrameTracer;
+  closed = false;
+  frames = 0;
+
+  /** `ivSource` is for the known-answer vectors only; by default IVs are fresh CSPRNG output. */
+  constructor(engine: Engine, keys: DirectionKeys, ivSource?: (n: number) => Uint8Array) {
+    this.engine = engine;
+    this.enc = keys.enc;
+    this.mac = engine.mac(keys.mac);
+    this.chain = keys.chain0.slice();
+    this.ivSource = ivSource;
+  }
+
+  /** One record → one frame. Throws on an oversize payload or DATA after CLOSE (a caller bug, not a peer's). */
+  seal(type: RecordType, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
+    if (payload.length > MAX_PAYLOAD) throw new RangeError(`payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD}`);
+    if (this.closed && (type === RECORD.DATA || type === RECORD.CLOSE)) throw new Error('record after CLOSE');
+    const ptLen = TYPE_LEN + payload.length;
+    const ctLen = paddedLen(ptLen);
+    const frame = new Uint8Array(HEADER_LEN + ctLen + MAC_LEN);
+    new DataView(frame.buffer).setUint32(0, ctLen);
+    const iv = frame.subarray(LEN_LEN, HEADER_LEN);
+    if (this.ivSource) iv.set(this.ivSource(IV_LEN));
+    else nextIv(iv);
+    const pt = new Uint8Array(ptLen);
+    pt[0] = type;
+    pt.set(payload, TYPE_LEN);
+    frame.set(this.engine.encryptCbc(this.enc, iv, pt, true), HEADER_LEN);
+    const tag = this.mac(this.chain, frame.subarray(0, HEADER_LEN + ctLen));
+    frame.set(tag, HEADER_LEN + ctLen);
+    this.chain = tag;
+    this.frames++;
+    if (type === RECORD.CLOSE) this.closed = true;
+    this.trace?.('send', type, ctLen, iv, tag);
+    return frame;
+  }
+}
+
+export type RecordHandler = (type: RecordType, payload: Uint8Array) => void;
+
+/** D2: verifies and opens frames of one direction from a byte stream, in order. */
+export class ChannelReceiver {
+  private readonly engine: Engine;
+  private readonly enc: Uint8Array;
+  private readonly mac: KeyedMac;
+  private chain: Uint8Array;
+  private hdr = new Uint8Array(LEN_LEN);
+  private hdrHave = 0;
+  private frame: Uint8Array | null = null;
+  private frameHave = 0;
+  private failed: VpnError | null = null;
+  trace?: FrameTracer;
+  /** a verified CLOSE arrived: the peer's direction is over */
+  closed = false;
+  frames = 0;
+
+  constructor(engine: Engine, keys: DirectionKeys) {
+    this.engine = engine;
+    this.enc = keys.enc;
+    this.mac = engine.mac(keys.mac);
+    this.chain = keys.chain0.slice();
+  }
+
+  /** Bytes of an incomplete frame held right now (bounded by MAX_FRAME). */
+  get buffered(): number {
+    return this.frame ? this.frameHave : this.hdrHave;
+  }
+
+  private fail(message: string): never {
+    this.failed = new VpnError('INTEGRITY', message);
+    this.frame = null;
+    throw this.failed;
+  }
+
+  private frameLength(view: Uint8Array, off: number): number {
+    const len = ((view[off]! << 24) | (view[off + 1]! << 16) | (view[off + 2]! << 8) | view[off + 3]!) >>> 0;
+    if (len < MIN_CIPHERTEXT || len > MAX_CIPHERTEXT || len % BLOCK !== 0) {
+      this.fail(`frame ${this.frames + 1} has an invalid length field (${len})`);
+    }
+    return HEADER_LEN + len + MAC_LEN;
+  }
+
+  /**
+   * Feed bytes from the transport. Calls `onRecord` for every complete verified record, in order; throws
+   * VpnError INTEGRITY at the first frame that fails (records before it were good and were delivered).
+   */
+  push(chunk: Uint8Array, onRecord: RecordHandler): void {
+    if (this.failed) throw this.failed;
+    let off = 0;
+    while (off < chunk.length) {
+      if (!this.frame) {
+        let total: number;
+        if (this.hdrHave === 0 && chunk.length - off >= LEN_LEN) {
+          total = this.frameLength(chunk, off);
+          if (chunk.length - off >= total) {
+            // Fast path: the whole frame is inside this chunk; verify it in place.
+            this.openFrame(chunk.subarray(off, off + total), onRecord);
+            off += total;
+            continue;
+          }
+          this.frame = new Uint8Array(total);
+          this.frameHave = 0;
+        } else {
+          const n = Math.min(LEN_LEN - this.hdrHave, chunk.length - off);
+          this.hdr.set(chunk.subarray(off, off + n), this.hdrHave);
+          this.hdrHave += n;
+          off += n;
+          if (this.hdrHave < LEN_LEN) return;
+          total = this.frameLength(this.hdr, 0);
+          this.frame = new Uint8Array(total);
+          this.frame.set(this.hdr, 0);
+          this.frameHave = LEN_LEN;
+          this.hdrHave = 0;
+        }
+      }
+      const f = this.frame;
+      const n = Math.min(f.length - this.frameHave, chunk.length - off);
+      f.set(chunk.subarray(off, off + n), this.frameHave);
+      this.frameHave += n;
+      off += n;
+      if (this.frameHave === f.length) {
+        this.frame = null;
+        this.openFrame(f, onRecord);
+      }
+    }
+  }
+
+  /** Open exactly one whole frame (unit tests and the vectors). */
+  open(frame: Uint8Array): { type: RecordType; payload: Uint8Array } {
+    let out: { type: RecordType; payload: Uint8Array } | null = null;
+    let count = 0;
+    this.push(frame, (type, payload) => {
+      out = { type, payload };
+      count++;
+    });
+    if (count !== 1 || this.buffered !== 0) this.fail('expected exactly one whole frame');
+    return out!;
+  }
+
+  private openFrame(f: Uint8Array, onRecord: RecordHandler): void {
+    const ctEnd = f.length - MAC_LEN;
+    const expect = this.mac(this.chain, f.subarray(0, ctEnd));
+    if (!equalBytes(expect, f.subarray(ctEnd))) {
+      this.fail(`frame ${this.frames + 1} failed verification (altered, replayed, reordered or dropped data)`);
+    }
+    const iv = f.subarray(LEN_LEN, HEADER_LEN);
+    let pt: Uint8Array;
+    try {
+      pt = this.engine.decryptCbc(this.enc, iv, f.subarray(HEADER_LEN, ctEnd), true);
+    } catch {
+      // Only a peer holding the MAC key can get here: a verified frame with bad padding is a peer bug.
+      this.fail(`frame ${this.frames + 1} has invalid padding`);
+    }
+    this.chain = expect;
+    this.frames++;
+    this.trace?.('recv', pt.length > 0 ? pt[0]! : -1, ctEnd - HEADER_LEN, iv, expect);
+    if (pt.length < TYPE_LEN || !KNOWN_TYPES.has(pt[0]!)) this.fail(`frame ${this.frames} has an unknown record type`);
+    const type = pt[0] as RecordType;
+    if (this.closed && (type === RECORD.DATA || type === RECORD.CLOSE || type === RECORD.CONFIG)) {
+      this.fail(`frame ${this.frames} carries data after CLOSE`);
+    }
+    if (type === RECORD.CLOSE) this.closed = true;
+    onRecord(type, pt.subarray(TYPE_LEN));
+  }
+
+  /** The transport reached end of stream: throws TRUNCATED unless a verified CLOSE came first and nothing is left over. */
+  end(): void {
+    if (this.failed) throw this.failed;
+    if (!this.closed) throw new VpnError('TRUNCATED', 'the connection ended without an authenticated CLOSE (stream truncated)');
+    if (this.buffered > 0) throw new VpnError('TRUNCATED', 'the connection ended in the middle of a frame');
+  }
+}

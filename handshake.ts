@@ -1,0 +1,329 @@
+/**
+ * The three-message handshake (PROTOCOL.md §3–§5): a shared secret in, per-direction traffic keys out.
+ *
+ *   Message 1, client → server (steps C1, S1)
+ *     v1:  0      1         17                  49        81
+ *          | ver | IV (16) | E_wrap(SK) (32)   | R_A (32) |
+ *     v2:  ... as v1 ...                                 81          113
+ *                                                        | E_C (32)  |
+ *   Message 2, server → client (steps S2, C2)
+ *     v1:  0          32                       64
+ *          | R_B (32) | HMAC(K_auth, m1‖R_B‖"SRVR") |
+ *     v2:  0          32          64                       96
+ *          | R_B (32) | E_S (32)  | HMAC(K_auth, m1‖R_B‖E_S‖"SRVR") |
+ *   Message 3, client → server (steps C3, S3)
+ *          0                                      32
+ *          | HMAC(K_auth, m1‖m2‖"CLNT")          |
+ *
+ * SK is the client's random session key, wrapped with AES-256-CBC (no padding) under K_wrap. E_C/E_S are
+ * ephemeral X25519 public keys (version 2, forward secrecy). Traffic keys: HKDF-SHA256 over SK (‖ DH in v2)
+ * with salt R_A‖R_B and the transcript hash in `info` (§5).
+ *
+ * Each message has one create/consume pair. A consume checks the exact length first, works on local values and
+ * changes state only after every check has passed; any failure throws a VpnError and the caller drops the session.
+ */
+import { equalBytes, randomBytes } from '@noble/ciphers/utils.js';
+import { hkdf } from '@noble/hashes/hkdf.js';
+import { scrypt } from '@noble/hashes/scrypt.js';
+import { sha256 } from '@noble/hashes/sha2.js';
+import { type Engine, MAC_LEN } from './engine.ts';
+import { VpnError } from './errors.ts';
+
+// ---- Specification constants (PROTOCOL.md §2) ----
+export const VERSION_1 = 0x01; // the original design's handshake
+export const VERSION_2 = 0x02; // + ephemeral X25519 (forward secrecy)
+export const VERSION_LEN = 1;
+export const IV_LEN = 16;
+export const KEY_LEN = 32;
+export const WRAPPED_KEY_LEN = KEY_LEN; // AES-256-CBC without padding of exactly two blocks
+export const NONCE_LEN = 32;
+export const PUB_LEN = 32;
+export const MSG1_V1_LEN = VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN + NONCE_LEN; // 81
+export const MSG1_V2_LEN = MSG1_V1_LEN + PUB_LEN; // 113
+export const MSG2_V1_LEN = NONCE_LEN + MAC_LEN; // 64
+export const MSG2_V2_LEN = NONCE_LEN + PUB_LEN + MAC_LEN; // 96
+export const MSG3_LEN = MAC_LEN; // 32
+export const MSG1_MAX_LEN = MSG1_V2_LEN;
+/** Sent by a `--require-pfs` server instead of message 2 when it refuses version 1, then it closes (§3, S1). */
+export const REFUSE_V1 = new Uint8Array([0x00, 0x50, 0x46, 0x53]); // 0x00 "PFS"
+
+const te = new TextEncoder();
+export const LABEL_SRVR = te.encode('SRVR');
+export const LABEL_CLNT = te.encode('CLNT');
+export const SALT_KEYFILE = te.encode('vpn.ts key file');
+export const SALT_PASSPHRASE = te.encode('vpn.ts passphrase');
+export const INFO_LONG_TERM = te.encode('vpn.ts long-term keys');
+export const INFO_TRAFFIC = [te.encode('vpn.ts v1 traffic'), te.encode('vpn.ts v2 traffic')] as const;
+/** scrypt cost for passphrases (§4): N = 2^16, r = 8, p = 1, about 0.6 s and 64 MiB here. */
+export const SCRYPT = { N: 1 << 16, r: 8, p: 1, dkLen: 32 } as const;
+export const KEYFILE_LEN = 32;
+const TRAFFIC_OKM_LEN = 6 * 32;
+
+/** Keys derived once from the shared secret at start-up (§4). */
+export interface LongTermKeys {
+  /** wraps the session key in message 1 */
+  readonly wrap: Uint8Array;
+  /** keys the handshake HMACs of messages 2 and 3 */
+  readonly auth: Uint8Array;
+}
+
+/** One direction's keys and the starting value of its HMAC chain (§5). */
+export interface DirectionKeys {
+  readonly enc: Uint8Array;
+  readonly mac: Uint8Array;
+  readonly chain0: Uint8Array;
+}
+export interface TrafficKeys {
+  readonly version: number;
+  readonly send: DirectionKeys;
+  readonly recv: DirectionKeys;
+}
+
+function concat(...parts: Uint8Array[]): Uint8Array {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  const out = new Uint8Array(n);
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+function expectLen(field: string, b: Uint8Array, n: number): void {
+  if (b.length !== n) throw new VpnError('AUTH_FAILED', `"${field}" expected ${n} bytes, got ${b.length}`);
+}
+
+function longTerm(ikm: Uint8Array, salt: Uint8Array): LongTermKeys {
+  const okm = hkdf(sha256, ikm, salt, INFO_LONG_TERM, 2 * KEY_LEN);
+  return { wrap: okm.slice(0, KEY_LEN), auth: okm.slice(KEY_LEN) };
+}
+
+/** §4: a 32-byte key file → long-term keys (HKDF-SHA256). Throws USAGE when the key is not 32 bytes. */
+export function keysFromKeyFile(key: Uint8Array): LongTermKeys {
+  if (key.length !== KEYFILE_LEN) throw new VpnError('USAGE', `key must be ${KEYFILE_LEN} bytes, got ${key.length}`);
+  return longTerm(key, SALT_KEYFILE);
+}
+
+/** §4: a passphrase → scrypt → HKDF-SHA256 → long-term keys. Slow on purpose (about half a second). */
+export function keysFromPassphrase(passphrase: string): LongTermKeys {
+  if (passphrase.length === 0) throw new VpnError('USAGE', 'the passphrase is empty');
+  const stretched = scrypt(te.encode(passphrase.normalize('NFKC')), SALT_PASSPHRASE, SCRYPT);
+  const keys = longTerm(stretched, SALT_PASSPHRASE);
+  stretched.fill(0);
+  return keys;
+}
+
+/** Random bytes; tests inject a deterministic source to reproduce the known-answer vectors. */
+export type RandomSource = (n: number) => Uint8Array;
+/** Receives every handshake field for `-v` tracing (which warns first: the fields include secrets). */
+export type Tracer = (field: string, value: Uint8Array) => void;
+
+export interface HandshakeOptions {
+  engine: Engine;
+  random?: RandomSource;
+  trace?: Tracer;
+}
+
+/** §5: both sides run this over the same inputs and get mirror-image keys. */
+function deriveTraffic(
+  version: number,
+  ikm: Uint8Array,
+  ra: Uint8Array,
+  rb: Uint8Array,
+  m1: Uint8Array,
+  m2: Uint8Array,
+  m3: Uint8Array,
+  role: 'client' | 'server',
+  trace?: Tracer,
+): TrafficKeys {
+  const th = sha256(concat(m1, m2, m3));
+  const okm = hkdf(sha256, ikm, concat(ra, rb), concat(INFO_TRAFFIC[version - 1]!, th), TRAFFIC_OKM_LEN);
+  const part = (i: number) => okm.slice(i * 32, i * 32 + 32);
+  const c2s: DirectionKeys = { enc: part(0), mac: part(1), chain0: part(2) };
+  const s2c: DirectionKeys = { enc: part(3), mac: part(4), chain0: part(5) };
+  okm.fill(0);
+  if (trace) {
+    trace('transcript hash', th);
+    for (const [n, k] of [['c2s', c2s], ['s2c', s2c]] as const) {
+      trace(`${n} enc key`, k.enc);
+      trace(`${n} mac key`, k.mac);
+      trace(`${n} chain0`, k.chain0);
+    }
+  }
+  return role === 'client' ? { version, send: c2s, recv: s2c } : { version, send: s2c, recv: c2s };
+}
+
+/** The client side: createMessage1 (C1), consumeMessage2 (C2, returns message 3 = C3), then `keys`. */
+export class ClientHandshake {
+  readonly version: number;
+  private readonly lt: LongTermKeys;
+  private readonly o: HandshakeOptions;
+  private sk: Uint8Array | null = null;
+  private ra: Uint8Array | null = null;
+  private eph: { secretKey: Uint8Array; publicKey: Uint8Array } | null = null;
+  private m1: Uint8Array | null = null;
+  keys: TrafficKeys | null = null;
+
+  constructor(lt: LongTermKeys, version: number, o: HandshakeOptions) {
+    if (version !== VERSION_1 && version !== VERSION_2) throw new VpnError('USAGE', `unknown protocol version ${version}`);
+    this.lt = lt;
+    this.version = version;
+    this.o = o;
+  }
+
+  /** C1: session key, IV and R_A (and E_C in v2) → message 1. */
+  createMessage1(): Uint8Array {
+    const rnd = this.o.random ?? randomBytes;
+    const sk = rnd(KEY_LEN);
+    const iv = rnd(IV_LEN);
+    const ra = rnd(NONCE_LEN);
+    const wrapped = this.o.engine.encryptCbc(this.lt.wrap, iv, sk, false);
+    const parts = [new Uint8Array([this.version]), iv, wrapped, ra];
+    if (this.version === VERSION_2) {
+      const e = this.o.engine;
+      this.eph = this.o.random ? (() => { const s = rnd(KEY_LEN); return { secretKey: s, publicKey: e.x25519Public(s) }; })() : e.x25519Keygen();
+      parts.push(this.eph.publicKey);
+    }
+    const m1 = concat(...parts);
+    const t = this.o.trace;
+    if (t) {
+      t('C1 session key (secret)', sk);
+      t('C1 IV', iv);
+      t('C1 wrapped session key', wrapped);
+      t('C1 R_A', ra);
+      if (this.eph) t('C1 E_C (ephemeral public)', this.eph.publicKey);
+      t('message 1', m1);
+    }
+    this.sk = sk;
+    this.ra = ra;
+    this.m1 = m1;
+    return m1;
+  }
+
+  /** C2 + C3: verify message 2 (constant time), then answer with message 3 and derive the traffic keys. */
+  consumeMessage2(m2: Uint8Array): Uint8Array {
+    if (!this.m1 || !this.sk || !this.ra || this.keys) throw new Error('consumeMessage2 out of order');
+    const v2 = this.version === VERSION_2;
+    expectLen('message 2', m2, v2 ? MSG2_V2_LEN : MSG2_V1_LEN);
+    const body = m2.subarray(0, m2.length - MAC_LEN);
+    const mac = m2.subarray(m2.length - MAC_LEN);
+    const authMac = this.o.engine.mac(this.lt.auth);
+    const expect = authMac(this.m1, body, LABEL_SRVR);
+    this.o.trace?.('message 2', m2);
+    if (!equalBytes(expect, mac)) throw new VpnError('AUTH_FAILED', 'message 2 failed verification (wrong secret, or not a vpn server)');
+    const rb = m2.slice(0, NONCE_LEN);
+    let ikm = this.sk;
+    if (v2) {
+      const es = m2.slice(NONCE_LEN, NONCE_LEN + PUB_LEN);
+      let dh: Uint8Array;
+      try {
+        dh = this.o.engine.x25519(this.eph!.secretKey, es);
+      } catch {
+        throw new VpnError('AUTH_FAILED', 'the server sent an invalid ephemeral key');
+      } finally {
+        this.eph!.secretKey.fill(0);
+      }
+      this.o.trace?.('C2 X25519 shared secret (secret)', dh);
+      ikm = concat(this.sk, dh);
+      dh.fill(0);
+    }
+    const m3 = authMac(this.m1, m2, LABEL_CLNT);
+    this.o.trace?.('message 3', m3);
+    this.keys = deriveTraffic(this.version, ikm, this.ra, rb, this.m1, m2, m3, 'client', this.o.trace);
+    ikm.fill(0);
+    this.sk.fill(0);
+    return m3;
+  }
+}
+
+/** Length of message 1 for a version byte, or throws AUTH_FAILED for a byte that names no version. */
+export function message1Length(versionByte: number): number {
+  if (versionByte === VERSION_1) return MSG1_V1_LEN;
+  if (versionByte === VERSION_2) return MSG1_V2_LEN;
+  throw new VpnError('AUTH_FAILED', `unknown protocol version byte 0x${versionByte.toString(16).padStart(2, '0')} (not a vpn client)`);
+}
+
+/** The server side: consumeMessage1 (S1, returns message 2 = S2), then consumeMessage3 (S3) → traffic keys. */
+export class ServerHandshake {
+  private readonly lt: LongTermKeys;
+  private readonly o: HandshakeOptions & { requirePfs?: boolean };
+  private m1: Uint8Array | null = null;
+  private m2: Uint8Array | null = null;
+  private rb: Uint8Array | null = null;
+  private dh: Uint8Array | null = null;
+  version = 0;
+  keys: TrafficKeys | null = null;
+
+  constructor(lt: LongTermKeys, o: HandshakeOptions & { requirePfs?: boolean }) {
+    this.lt = lt;
+    this.o = o;
+  }
+
+  /** S1 + S2: check message 1's version and exact length, then answer with R_B (and E_S) and the SRVR HMAC. */
+  consumeMessage1(m1: Uint8Array): Uint8Array {
+    if (this.m1) throw new Error('consumeMessage1 out of order');
+    if (m1.length < 1) throw new VpnError('AUTH_FAILED', 'empty message 1');
+    const version = m1[0]!;
+    expectLen('message 1', m1, message1Length(version));
+    if (version === VERSION_1 && this.o.requirePfs) {
+      throw new VpnError('PFS_REQUIRED', 'the client offered protocol version 1 (no forward secrecy) and --require-pfs is set');
+    }
+    const rnd = this.o.random ?? randomBytes;
+    const rb = rnd(NONCE_LEN);
+    const body = [rb];
+    let dh: Uint8Array | null = null;
+    if (version === VERSION_2) {
+      const e = this.o.engine;
+      const eph = this.o.random ? (() => { const s = rnd(KEY_LEN); return { secretKey: s, publicKey: e.x25519Public(s) }; })() : e.x25519Keygen();
+      try {
+        dh = e.x25519(eph.secretKey, m1.subarray(MSG1_V1_LEN, MSG1_V2_LEN));
+      } catch {
+        throw new VpnError('AUTH_FAILED', 'the client sent an invalid ephemeral key');
+      } finally {
+        eph.secretKey.fill(0);
+      }
+      body.push(eph.publicKey);
+    }
+    const bodyBytes = concat(...body);
+    const mac = this.o.engine.mac(this.lt.auth)(m1, bodyBytes, LABEL_SRVR);
+    const m2 = concat(bodyBytes, mac);
+    if (this.o.trace) {
+      this.o.trace('message 1', m1);
+      this.o.trace('S1 R_B', rb);
+      if (dh) this.o.trace('S1 X25519 shared secret (secret)', dh);
+      this.o.trace('message 2', m2);
+    }
+    this.version = version;
+    this.m1 = m1.slice();
+    this.m2 = m2;
+    this.rb = rb;
+    this.dh = dh;
+    return m2;
+  }
+
+  /** S3: verify message 3 in constant time; only then unwrap the session key and derive the traffic keys. */
+  consumeMessage3(m3: Uint8Array): TrafficKeys {
+    if (!this.m1 || !this.m2 || !this.rb || this.keys) throw new Error('consumeMessage3 out of order');
+    expectLen('message 3', m3, MSG3_LEN);
+    const expect = this.o.engine.mac(this.lt.auth)(this.m1, this.m2, LABEL_CLNT);
+    this.o.trace?.('message 3', m3);
+    if (!equalBytes(expect, m3)) {
+      this.dh?.fill(0);
+      throw new VpnError('AUTH_FAILED', 'message 3 failed verification (wrong secret, or a replayed or altered handshake)');
+    }
+    const iv = this.m1.subarray(VERSION_LEN, VERSION_LEN + IV_LEN);
+    const wrapped = this.m1.subarray(VERSION_LEN + IV_LEN, VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN);
+    const ra = this.m1.subarray(VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN, MSG1_V1_LEN);
+    const sk = this.o.engine.decryptCbc(this.lt.wrap, iv, wrapped, false);
+    this.o.trace?.('S3 session key (secret)', sk);
+    const ikm = this.dh ? concat(sk, this.dh) : sk;
+    this.keys = deriveTraffic(this.version, ikm, ra, this.rb, this.m1, this.m2, m3, 'server', this.o.trace);
+    ikm.fill(0);
+    sk.fill(0);
+    this.dh?.fill(0);
+    this.dh = null;
+    return this.keys;
+  }
+}
