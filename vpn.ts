@@ -11,6 +11,8 @@ import { type Address, DEFAULT_HOST, DEFAULT_PORT, formatAddress, parseAddress }
 import { ENGINE_NAMES, getEngine } from './engine.ts';
 import { asVpnError, EXIT_OK, EXIT_USAGE, VpnError } from './errors.ts';
 import { keysFromKeyFile, keysFromPassphrase, KEYFILE_LEN, type LongTermKeys, VERSION_1, VERSION_2 } from './handshake.ts';
+import { connectLocal, serveForward } from './forward.ts';
+import { logSessionEnd } from './server.ts';
 import { log } from './log.ts';
 import type { Socket } from 'bun';
 import { Session, sessionHandler, type SessionOptions } from './session.ts';
@@ -61,6 +63,13 @@ keeps listening; each session's bytes go to stdout and come from stdin.
   --listen ADDR          HOST:PORT, [IPv6]:PORT or unix:/path (default ${DEFAULT_HOST}:${DEFAULT_PORT};
                          port 0 picks a free port). Prints "listening on HOST:PORT" once ready.
   --once                 exit after the first session, with that session's exit status
+  --forward ADDR         forward mode: each session gets its own new connection to ADDR
+                         (HOST:PORT or unix:/path, resolved per session), instead of stdio
+  --proxy-protocol       with --forward: send a PROXY protocol v1 header to ADDR first,
+                         naming the tunnel client's address and port
+  --max-conns N          open connections at most; more are refused (default 100)
+  --grace S              on SIGINT/SIGTERM: send CLOSE on every session, wait up to S
+                         seconds for them to end, exit 0 (default 10)
   --require-pfs          refuse clients that offer protocol version 1 (--no-pfs)
 
 ${SECRET_HELP}
@@ -74,6 +83,10 @@ Open a tunnel to a server (default ${DEFAULT_HOST}:${DEFAULT_PORT}). With a term
 line chat; otherwise stdin goes to the peer and the peer's bytes to stdout.
 
   --no-pfs               speak protocol version 1 (the original handshake, no forward secrecy)
+  --local [HOST:]PORT    forward mode: listen on HOST:PORT (host default 127.0.0.1, or
+                         unix:/path); each accepted connection gets its own tunnel session
+  --max-conns N          with --local: open local connections at most (default 100)
+  --grace S              with --local: on SIGINT/SIGTERM wait up to S seconds (default 10)
 
 ${SECRET_HELP}
 
@@ -102,24 +115,37 @@ const OPTIONS = {
   'handshake-timeout': { type: 'string' },
   keepalive: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
+  forward: { type: 'string' },
+  local: { type: 'string' },
+  'max-conns': { type: 'string' },
+  grace: { type: 'string' },
+  'proxy-protocol': { type: 'boolean' },
   version: { type: 'boolean' },
 } as const;
 
 const COMMAND_FLAGS: Record<string, string[]> = {
-  serve: ['listen', 'key', 'secret', 'once', 'verbose', 'step', 'quiet', 'engine', 'require-pfs', 'handshake-timeout', 'keepalive', 'help'],
-  connect: ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'no-pfs', 'handshake-timeout', 'keepalive', 'help'],
+  serve: ['listen', 'key', 'secret', 'once', 'verbose', 'step', 'quiet', 'engine', 'require-pfs', 'handshake-timeout', 'keepalive', 'help', 'forward', 'proxy-protocol', 'max-conns', 'grace'],
+  connect: ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'no-pfs', 'handshake-timeout', 'keepalive', 'help', 'local', 'max-conns', 'grace'],
   keygen: ['help'],
 };
 
 type Flags = { [K in keyof typeof OPTIONS]?: (typeof OPTIONS)[K]['type'] extends 'string' ? string : boolean };
 
-function seconds(flags: Flags, name: 'handshake-timeout' | 'keepalive', dflt: number): number {
+function seconds(flags: Flags, name: 'handshake-timeout' | 'keepalive' | 'grace', dflt: number): number {
   const v = flags[name];
   if (v === undefined) return dflt;
   const n = Number(v);
   if (!Number.isFinite(n) || n < 0 || n > 86400 || (name === 'handshake-timeout' && n === 0)) {
     throw new VpnError('USAGE', `--${name}: expected a number of seconds, got "${v}"`);
   }
+  return n;
+}
+
+function count(flags: Flags, name: 'max-conns', dflt: number): number {
+  const v = flags[name];
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 1_000_000) throw new VpnError('USAGE', `--${name}: expected a positive whole number, got "${v}"`);
   return n;
 }
 
@@ -277,11 +303,10 @@ async function serveStdio(s: Settings, listen: Address): Promise<number> {
   const handler = {
     ...sessionHandler,
     open(socket: Socket<{ session?: Session }>) {
-      const started = Date.now();
       socket.data = { session: undefined };
       const app = bridge.app((err) => {
         if (active === session) active = null;
-        logSessionEnd(session, started, err);
+        logSessionEnd(session, err);
         if (s.flags.once && (session.version !== 0 || !err)) onceResolve(err ? err.exitStatus : EXIT_OK);
       });
       const config = () => {
@@ -314,19 +339,6 @@ async function serveStdio(s: Settings, listen: Address): Promise<number> {
   const status = await onceDone;
   server.stop(true);
   return status;
-}
-
-/** One log line for the end of a session: a failed handshake, or a closed session with its figures. */
-export function logSessionEnd(session: Session, started: number, err: VpnError | null): void {
-  const peer = session.peer;
-  if (session.version === 0 && err) {
-    log.limited('warn', `handshake failed|${peer.replace(/:\d+$/, '')}|${err.code}`, `handshake failed ${peer}: ${err.message}`);
-    return;
-  }
-  const secs = ((Date.now() - started) / 1000).toFixed(1);
-  const line = `session closed ${peer} after ${secs} s, ${session.bytesIn} bytes in, ${session.bytesOut} bytes out: ${err ? err.message : 'clean end'}`;
-  if (err) log.warn(line);
-  else log.info(line);
 }
 
 async function connectStdio(s: Settings, target: Address): Promise<number> {
@@ -380,11 +392,26 @@ async function main(argv: string[]): Promise<number> {
   if (command === 'serve') {
     if (parsed.positionals.length > 0) throw new VpnError('USAGE', `serve takes no positional arguments (did you mean --listen ${parsed.positionals[0]}?)`);
     const listen = parseAddress(flags.listen ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen');
+    if (flags['proxy-protocol'] && flags.forward === undefined) throw new VpnError('USAGE', '--proxy-protocol needs --forward');
+    if (flags.forward !== undefined) {
+      const target = parseAddress(flags.forward, '--forward');
+      const maxConns = count(flags, 'max-conns', 100);
+      const graceMs = seconds(flags, 'grace', 10) * 1000;
+      const s = await settings(flags, 'server');
+      return await serveForward(s.base, { listen, target, maxConns, graceMs, proxyProtocol: flags['proxy-protocol'] === true });
+    }
     const s = await settings(flags, 'server');
     return await serveStdio(s, listen);
   }
   if (parsed.positionals.length > 1) throw new VpnError('USAGE', 'connect takes at most one address');
   const target = parseAddress(parsed.positionals[0] ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, 'address');
+  if (flags.local !== undefined) {
+    const local = parseAddress(flags.local, '--local', DEFAULT_HOST);
+    const maxConns = count(flags, 'max-conns', 100);
+    const graceMs = seconds(flags, 'grace', 10) * 1000;
+    const s = await settings(flags, 'client');
+    return await connectLocal(s.base, { local, server: target, maxConns, graceMs });
+  }
   const s = await settings(flags, 'client');
   return await connectStdio(s, target);
 }
