@@ -17,6 +17,7 @@ import { log } from './log.ts';
 import type { Socket } from 'bun';
 import { Session, sessionHandler, type SessionOptions } from './session.ts';
 import { StdioBridge } from './stdio.ts';
+import { connectTun, DEFAULT_MTU, serveTun, wantsTun } from './tun.ts';
 
 export const VERSION = '0.1.0';
 
@@ -71,6 +72,11 @@ keeps listening; each session's bytes go to stdout and come from stdin.
   --grace S              on SIGINT/SIGTERM: send CLOSE on every session, wait up to S
                          seconds for them to end, exit 0 (default 10)
   --require-pfs          refuse clients that offer protocol version 1 (--no-pfs)
+  --tun ADDR/PREFIX      TUN mode (Linux, root): a layer-3 VPN; this server is ADDR on a new
+                         interface and hands each client a free address of the subnet
+  --tun-name NAME        interface name (default vpn%d: the kernel picks vpn0, vpn1, …)
+  --mtu N                interface MTU (default ${DEFAULT_MTU}: a 1500-byte path less TCP/IP and frame overhead)
+  --route CIDR           with --tun, repeatable: push a route through the tunnel to every client
 
 ${SECRET_HELP}
 
@@ -87,6 +93,12 @@ line chat; otherwise stdin goes to the peer and the peer's bytes to stdout.
                          unix:/path); each accepted connection gets its own tunnel session
   --max-conns N          with --local: open local connections at most (default 100)
   --grace S              with --local: on SIGINT/SIGTERM wait up to S seconds (default 10)
+  --tun auto|ADDR[/PREFIX]
+                         TUN mode (Linux, root): a layer-3 VPN on a new interface, with
+                         the address the server hands out (auto) or the one asked for
+  --tun-name NAME        interface name (default vpn%d: the kernel picks vpn0, vpn1, …)
+  --mtu N                interface MTU (default: the server's, normally ${DEFAULT_MTU})
+  --route CIDR           with --tun, repeatable: send CIDR through the tunnel
 
 ${SECRET_HELP}
 
@@ -120,12 +132,16 @@ const OPTIONS = {
   'max-conns': { type: 'string' },
   grace: { type: 'string' },
   'proxy-protocol': { type: 'boolean' },
+  tun: { type: 'string' },
+  'tun-name': { type: 'string' },
+  mtu: { type: 'string' },
+  route: { type: 'string', multiple: true },
   version: { type: 'boolean' },
 } as const;
 
 const COMMAND_FLAGS: Record<string, string[]> = {
-  serve: ['listen', 'key', 'secret', 'once', 'verbose', 'step', 'quiet', 'engine', 'require-pfs', 'handshake-timeout', 'keepalive', 'help', 'forward', 'proxy-protocol', 'max-conns', 'grace'],
-  connect: ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'no-pfs', 'handshake-timeout', 'keepalive', 'help', 'local', 'max-conns', 'grace'],
+  serve: ['listen', 'key', 'secret', 'once', 'verbose', 'step', 'quiet', 'engine', 'require-pfs', 'handshake-timeout', 'keepalive', 'help', 'forward', 'proxy-protocol', 'max-conns', 'grace', 'tun', 'tun-name', 'mtu', 'route'],
+  connect: ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'no-pfs', 'handshake-timeout', 'keepalive', 'help', 'local', 'max-conns', 'grace', 'tun', 'tun-name', 'mtu', 'route'],
   keygen: ['help'],
 };
 
@@ -392,6 +408,7 @@ async function main(argv: string[]): Promise<number> {
   if (command === 'serve') {
     if (parsed.positionals.length > 0) throw new VpnError('USAGE', `serve takes no positional arguments (did you mean --listen ${parsed.positionals[0]}?)`);
     const listen = parseAddress(flags.listen ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen');
+    if (wantsTun(flags)) return await serveTun(await settings(flags, 'server'), listen);
     if (flags['proxy-protocol'] && flags.forward === undefined) throw new VpnError('USAGE', '--proxy-protocol needs --forward');
     if (flags.forward !== undefined) {
       const target = parseAddress(flags.forward, '--forward');
@@ -405,6 +422,7 @@ async function main(argv: string[]): Promise<number> {
   }
   if (parsed.positionals.length > 1) throw new VpnError('USAGE', 'connect takes at most one address');
   const target = parseAddress(parsed.positionals[0] ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, 'address');
+  if (wantsTun(flags)) return await connectTun(await settings(flags, 'client'), target);
   if (flags.local !== undefined) {
     const local = parseAddress(flags.local, '--local', DEFAULT_HOST);
     const maxConns = count(flags, 'max-conns', 100);
