@@ -503,8 +503,10 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     const again = await startClient(NS.c1, port);
     expect(again.addr).toBe('10.66.0.2');
     expect(ping(NS.c2, '10.66.0.2', 3).received).toBe(3);
-    for (const p of [again.p, b.p, srv]) p.kill('SIGTERM');
-    expect([await again.p.exit(), await b.p.exit(), await srv.exit()]).toEqual([0, 0, 0]);
+    // the server stops first: its clients get its CLOSE, remove their interfaces and exit 0 on their own
+    srv.kill('SIGTERM');
+    expect([await srv.exit(), await again.p.exit(), await b.p.exit()]).toEqual([0, 0, 0]);
+    expect([...tunLinks(NS.c1), ...tunLinks(NS.c2), ...tunLinks(NS.srv)]).toEqual([]);
   });
 
   test('a wrong key: no tunnel address, no traffic, exit 3', async () => {
