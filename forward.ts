@@ -39,6 +39,7 @@ export class Bridge implements SessionApp {
   private ended = false;
   private tcpPaused = false;
   private endAfterFlush = false;
+  private early: Uint8Array[] = [];
   /** called once when the session is over (after the TCP side is closed too) */
   onDone?: (err: VpnError | null) => void;
   /** the server side opens the target here; the client side already has its socket */
@@ -69,7 +70,11 @@ export class Bridge implements SessionApp {
   onOpen(session: Session, peerConfig: Json): void {
     this.session = session;
     this.onOpened?.(session, peerConfig);
-    if (this.tcp) this.tcp.resume();
+    const early = this.early;
+    this.early = [];
+    for (const c of early) this.onTcpData(c);
+    if (this.tcpReadDone) session.close(); // the app sent FIN before the tunnel was up
+    else if (this.tcp && !this.tcpPaused) this.tcp.resume();
   }
 
   onData(payload: Uint8Array): void {
@@ -92,7 +97,9 @@ export class Bridge implements SessionApp {
     if (this.tcpShut || !this.tcp) return;
     this.tcpShut = true;
     try {
-      this.tcp.shutdown(true); // FIN to the app: the peer sends no more
+      // FIN to the app: the peer sends no more. Bun 1.4's shutdown() with no argument is shutdown(SHUT_WR) and
+      // keeps reading; shutdown(true) also stops reading (tests/forward.test.ts checks the reply still arrives).
+      this.tcp.shutdown();
     } catch {
       // already closed
     }
@@ -114,7 +121,13 @@ export class Bridge implements SessionApp {
 
   onTcpData(chunk: Uint8Array): void {
     const s = this.session;
-    if (!s || s.phase !== 'open' || s.sentClose) return;
+    if (!s) {
+      // Read before the tunnel is open (the socket is paused, but reads under way still arrive): keep for onOpen.
+      this.early.push(chunk);
+      this.tcp?.pause();
+      return;
+    }
+    if (s.phase !== 'open' || s.sentClose) return;
     if (!s.write(chunk) && !this.tcpPaused) {
       this.tcpPaused = true;
       this.tcp?.pause();
@@ -136,7 +149,11 @@ export class Bridge implements SessionApp {
   onTcpClose(err?: Error): void {
     this.tcpReadDone = true;
     const s = this.session;
-    if (this.ended || !s) return;
+    if (this.ended) return;
+    if (!s) {
+      this.tcpShut = true; // the app left before the tunnel was up; onOpen sends CLOSE at once
+      return;
+    }
     if (err) {
       s.finish(new VpnError('NETWORK', `the TCP connection failed (${err.message})`));
       return;

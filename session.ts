@@ -135,6 +135,8 @@ export class Session {
   private lastRecv = Date.now();
   private lastSend = Date.now();
   private pausedIn = false;
+  private held: Uint8Array[] = [];
+  private heldBytes = 0;
   private wantWritable = false;
   private tcpEnded = false;
 
@@ -184,6 +186,14 @@ export class Session {
 
   onSocketData(chunk: Uint8Array): void {
     if (this.phase === 'done') return;
+    if (this.pausedIn) {
+      // Bun may deliver reads that were already under way when pause() was called: hold them, unprocessed,
+      // and re-assert the pause. They are processed, in order, on resume.
+      this.held.push(chunk);
+      this.heldBytes += chunk.length;
+      this.socket.pause();
+      return;
+    }
     this.lastRecv = Date.now();
     if (this.phase === 'handshake') {
       if (this.hsBuf.length + chunk.length > MAX_HANDSHAKE_BUFFER) {
@@ -457,7 +467,12 @@ export class Session {
     if (!this.pausedIn || this.phase === 'done') return;
     this.pausedIn = false;
     this.lastRecv = Date.now();
-    this.socket.resume();
+    while (this.held.length > 0 && !this.pausedIn && (this.phase as Phase) !== 'done') {
+      const c = this.held.shift()!;
+      this.heldBytes -= c.length;
+      this.onSocketData(c);
+    }
+    if (!this.pausedIn) this.socket.resume();
   }
 
   /** Outbound bytes waiting for the socket. */
