@@ -61,6 +61,8 @@ export const MAX_PEER_QUEUE = 1024 * 1024;
 /** How long a stopping process waits for its peers' CLOSE before it tears down anyway (`--grace`). */
 const STOP_GRACE_MS = 2000;
 const DEFAULT_NAME = 'vpn%d';
+/** `ip` answers in milliseconds; a hung one must not hang the VPN. */
+const IP_TIMEOUT_MS = 10_000;
 
 // ---- IPv4 addresses and prefixes ----
 
@@ -257,7 +259,7 @@ export function checkTunSupport(platform: string = process.platform): void {
 function ip(args: string[]): string {
   let r;
   try {
-    r = Bun.spawnSync(['ip', ...args], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe' });
+    r = Bun.spawnSync(['ip', ...args], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', timeout: IP_TIMEOUT_MS, killSignal: 'SIGKILL' });
   } catch (e) {
     throw new VpnError('USAGE', `cannot run ip (${(e as Error).message}); install iproute2`);
   }

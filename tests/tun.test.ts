@@ -277,7 +277,7 @@ const SERVER1 = '192.168.77.1'; // the server, seen from c1
 const SERVER2 = '192.168.77.5'; // the server, seen from c2
 
 function sh(argv: string[]): { code: number; out: string; err: string } {
-  const r = Bun.spawnSync(argv, { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe' });
+  const r = Bun.spawnSync(argv, { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', timeout: 100_000, killSignal: 'SIGKILL' });
   return { code: r.exitCode ?? -1, out: r.stdout.toString(), err: r.stderr.toString() };
 }
 
@@ -471,9 +471,9 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     expect(cli.p.stderr).toMatch(/, 0 malformed reads/);
   });
 
-  test('two clients in two namespaces reach each other through the server; a taken address is refused', async () => {
+  test('two clients in two namespaces (native engine, protocol v1) reach each other through the server; a taken address is refused', async () => {
     const { p: srv, port } = await startServer();
-    const a = await startClient(NS.c1, port);
+    const a = await startClient(NS.c1, port, ['--tun', 'auto', '--engine', 'native']);
     const b = await startClient(NS.c2, port, ['--tun', '10.66.0.7/24', '--no-pfs']);
     expect([a.addr, b.addr]).toEqual(['10.66.0.2', '10.66.0.7']);
     await srv.waitFor(/is 10\.66\.0\.7 \(protocol v1\)/);
@@ -551,6 +551,14 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     expect(tunCli.stderr).toMatch(/the server is not in TUN mode .*serve --tun ADDR\/PREFIX/);
     expect(tunLinks(NS.c1)).toEqual([]);
     stdioSrv.kill('SIGKILL');
+    // a TUN client to a port-forwarding server
+    const fwdPort = nextPort++;
+    const fwdSrv = vpnIn(NS.srv, ['serve', '--listen', `0.0.0.0:${fwdPort}`, '--key', keyPath, '--forward', '127.0.0.1:9']);
+    await fwdSrv.waitFor(/^listening on /m);
+    const tunCli2 = vpnIn(NS.c1, ['connect', `${SERVER1}:${fwdPort}`, '--key', keyPath, '--tun', 'auto']);
+    expect(await tunCli2.exit()).toBe(2);
+    expect(tunCli2.stderr).toMatch(/the server refused the session: .*"tun" client cannot use it/);
+    fwdSrv.kill('SIGKILL');
     // a stdio client to a TUN server
     const { p: srv, port } = await startServer();
     const stdioCli = vpnIn(NS.c1, ['connect', `${SERVER1}:${port}`, '--key', keyPath]);
