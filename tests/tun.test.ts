@@ -80,8 +80,12 @@ describe('the address pool', () => {
 
 describe('the router', () => {
   // its drop lines would only clutter the test output here
-  beforeAll(() => void (log.quiet = true));
-  afterAll(() => void (log.quiet = false));
+  let wasQuiet = false;
+  beforeAll(() => {
+    wasQuiet = log.quiet;
+    log.quiet = true;
+  });
+  afterAll(() => void (log.quiet = wasQuiet));
 
   function setup() {
     const pool = new AddressPool(parseCidr('10.66.0.1/24', 't'));
