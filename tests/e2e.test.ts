@@ -150,3 +150,56 @@ describe('usage', () => {
     expect(srv.stderr + cli.stderr).not.toContain(keyHex);
   });
 });
+
+describe('terminal chat (a real pty through script(1))', () => {
+  /** Run `connect` on a pseudo-terminal; `typed` is what a user types, one [delay ms, text] at a time. */
+  async function chatClient(port: number, key: string, extra: string[], typed: [number, string][]) {
+    const cmd = ['bun', 'vpn.ts', 'connect', `127.0.0.1:${port}`, '--key', key, ...extra].join(' ');
+    const p = Bun.spawn(['script', '-qfec', cmd, '/dev/null'], { stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', cwd: join(import.meta.dir, '..') });
+    const out = new Response(p.stdout).text();
+    for (const [ms, text] of typed) {
+      await Bun.sleep(ms);
+      p.stdin.write(text);
+      await p.stdin.flush();
+    }
+    const code = await Promise.race([p.exited, Bun.sleep(20000).then(() => -1)]);
+    p.stdin.end();
+    p.kill();
+    return { code, out: await out };
+  }
+
+  test('lines typed on a terminal arrive as lines, received lines are printed with a prefix, an empty line ends', async () => {
+    using dir = tempDir();
+    const key = await keygen(dir.path);
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key], { stdin: 'pipe' });
+    const port = await srv.listeningPort();
+    const sink = srv.proc.stdin as import('bun').FileSink;
+    sink.write('hello from server\n');
+    await sink.flush();
+    const pending = chatClient(port, key, [], [[1500, 'hi there\n'], [500, '\n']]);
+    await Bun.sleep(3000); // the server's user keeps the chat open a little longer, then ends it too
+    await sink.end();
+    const chat = await pending;
+    expect(chat.code).toBe(0);
+    expect(chat.out).toContain('peer> hello from server');
+    expect(new TextDecoder().decode(await srv.stdoutBytes)).toBe('hi there\n');
+    expect(await srv.exit()).toBe(0);
+  });
+
+  test('--step with -v waits for Enter before each handshake message', async () => {
+    using dir = tempDir();
+    const key = await keygen(dir.path);
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key], { stdin: 'pipe' });
+    const port = await srv.listeningPort();
+    const chat = chatClient(port, key, ['-v', '--step'], [[1500, '\n'], [1500, '\n'], [1000, '\n']]);
+    // Nothing reaches the server before the first Enter.
+    await Bun.sleep(1000);
+    expect(srv.stderr).not.toContain('session opened');
+    await (srv.proc.stdin as import('bun').FileSink).end();
+    const r = await chat;
+    expect(r.out).toContain('press Enter to send message 1');
+    expect(r.out).toContain('press Enter to send message 3');
+    await srv.waitFor(/session opened/);
+    expect(r.code).toBe(0);
+  });
+});
