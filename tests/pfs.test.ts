@@ -1,0 +1,119 @@
+/**
+ * Forward secrecy end to end (issue #4): version negotiation between real processes, `--require-pfs`, and a man in
+ * the middle that rewrites the version byte or replaces an ephemeral key in flight.
+ */
+import { describe, expect, test } from 'bun:test';
+import type { Socket } from 'bun';
+import { MSG1_V1_LEN, MSG1_V2_LEN } from '../handshake.ts';
+import { feedStdin, keygen, tempDir, VpnProcess } from './helpers.ts';
+
+/**
+ * A TCP proxy on 127.0.0.1 that passes bytes through, letting `rewrite` change the client→server stream: it gets
+ * each chunk and the stream offset of its first byte, and returns the bytes to forward.
+ */
+async function rewritingProxy(targetPort: number, rewrite: (chunk: Uint8Array, offset: number) => Uint8Array) {
+  type D = { peer?: Socket<D>; pending: Uint8Array[]; offset: number };
+  const listener = Bun.listen<D>({
+    hostname: '127.0.0.1',
+    port: 0,
+    data: { pending: [], offset: 0 },
+    socket: {
+      async open(client) {
+        client.data = { pending: [], offset: 0 };
+        const server = await Bun.connect<D>({
+          hostname: '127.0.0.1',
+          port: targetPort,
+          data: { pending: [], offset: 0, peer: client },
+          socket: {
+            data: (s, d) => void s.data.peer?.write(d),
+            close: (s) => s.data.peer?.end(),
+          },
+        });
+        client.data.peer = server;
+        for (const p of client.data.pending) server.write(p);
+      },
+      data(client, d) {
+        const out = rewrite(new Uint8Array(d), client.data.offset);
+        client.data.offset += d.length;
+        if (client.data.peer) client.data.peer.write(out);
+        else client.data.pending.push(out);
+      },
+      close: (c) => c.data.peer?.end(),
+    },
+  });
+  return listener;
+}
+
+async function server(extra: string[] = []) {
+  const dir = tempDir();
+  const key = await keygen(dir.path);
+  const srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key, ...extra], { stdin: 'pipe' });
+  const port = await srv.listeningPort();
+  return { dir, key, srv, port };
+}
+
+describe('forward secrecy between real processes', () => {
+  test('a default client and server speak version 2', async () => {
+    const { dir, key, srv, port } = await server();
+    using _d = dir;
+    using _s = srv;
+    using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key], { stdin: 'pipe' });
+    await Promise.all([feedStdin(srv, new Uint8Array(0)), feedStdin(cli, new TextEncoder().encode('v2'))]);
+    expect([await cli.exit(), await srv.exit()]).toEqual([0, 0]);
+    expect(srv.stderr).toContain('(protocol v2)');
+    expect(new TextDecoder().decode(await srv.stdoutBytes)).toBe('v2');
+  });
+
+  test('--require-pfs refuses a --no-pfs client: it exits 3 saying the server requires forward secrecy', async () => {
+    const { dir, key, srv, port } = await server(['--require-pfs']);
+    using _d = dir;
+    using _s = srv;
+    using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key, '--no-pfs'], { stdin: 'pipe' });
+    await feedStdin(cli, new TextEncoder().encode('must not arrive'));
+    expect(await cli.exit()).toBe(3);
+    expect(cli.stderr).toContain('the server requires forward secrecy');
+    await srv.waitFor(/handshake failed .*--require-pfs/);
+    // The server is still there for a client that speaks version 2.
+    using good = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key], { stdin: 'pipe' });
+    await Promise.all([feedStdin(srv, new Uint8Array(0)), feedStdin(good, new TextEncoder().encode('ok'))]);
+    expect(await good.exit()).toBe(0);
+    expect(new TextDecoder().decode(await srv.stdoutBytes)).toBe('ok');
+  });
+
+  test('a man in the middle who rewrites the version byte to 1 (a downgrade) is detected', async () => {
+    const { dir, key, srv, port } = await server();
+    using _d = dir;
+    using _s = srv;
+    const proxy = await rewritingProxy(port, (chunk, offset) => {
+      if (offset === 0 && chunk[0] === 2) chunk[0] = 1;
+      return chunk;
+    });
+    using cli = new VpnProcess(['connect', `127.0.0.1:${proxy.port}`, '--key', key], { stdin: 'pipe' });
+    await feedStdin(cli, new TextEncoder().encode('must not arrive'));
+    expect(await cli.exit()).toBe(3);
+    await srv.waitFor(/handshake failed/);
+    expect(srv.stderr).not.toContain('session opened');
+    expect(await cli.stdoutBytes).toHaveLength(0);
+    proxy.stop(true);
+  });
+
+  test("a man in the middle who replaces the client's ephemeral key is detected", async () => {
+    const { dir, key, srv, port } = await server();
+    using _d = dir;
+    using _s = srv;
+    const mitmKey = new Uint8Array(32).fill(9); // the X25519 base point: a valid public key the attacker controls
+    const proxy = await rewritingProxy(port, (chunk, offset) => {
+      for (let i = 0; i < chunk.length; i++) {
+        const at = offset + i;
+        if (at >= MSG1_V1_LEN && at < MSG1_V2_LEN) chunk[i] = mitmKey[at - MSG1_V1_LEN]!;
+      }
+      return chunk;
+    });
+    using cli = new VpnProcess(['connect', `127.0.0.1:${proxy.port}`, '--key', key], { stdin: 'pipe' });
+    await feedStdin(cli, new TextEncoder().encode('must not arrive'));
+    expect(await cli.exit()).toBe(3);
+    expect(cli.stderr).toContain('message 2 failed verification');
+    expect(srv.stderr).not.toContain('session opened');
+    proxy.stop(true);
+  });
+});
