@@ -73,6 +73,8 @@ const KEYFILE_KEYS = {
   wrap: 'b80bd67ab836581e8111711714ea448caf5d215debbb520cec9ba4ec50ab7a61',
   auth: 'a9e599848906c8a5800ef10d576e3a0d2b6a007c10890f326eacba6f02f4e1fc',
 };
+/** scrypt(passphrase, "vpn.ts passphrase", N = 2^16, r = 8, p = 1, 32 bytes): the HKDF input of §4. */
+const PASSPHRASE_SCRYPT = '1ec54e511629a5e04309c264df13037a1f8f203bec47af10729c34ce3e1872e9';
 const PASSPHRASE_KEYS = {
   wrap: '2913d3dc3d34bd6815e73fcfa5b298e7e3ec2fd765959cdf7da238d13386815c',
   auth: 'bd9a3086a66ca2ebf3da06da206f6082c42aa97ef7caa636a0c049b4147c72d3',
@@ -238,6 +240,7 @@ describe('§12.1 long-term keys', () => {
     expect({ wrap: hex(lt.wrap), auth: hex(lt.auth) }).toEqual(PASSPHRASE_KEYS);
     const salt = utf8('vpn.ts passphrase');
     const stretched = scryptSync(utf8(PASSPHRASE.normalize('NFKC')), salt, 32, { N: 1 << 16, r: 8, p: 1, maxmem: 256 << 20 });
+    expect(hex(stretched)).toBe(PASSPHRASE_SCRYPT);
     const r = ref.longTerm(stretched, 'vpn.ts passphrase');
     expect({ wrap: hex(r.wrap), auth: hex(r.auth) }).toEqual(PASSPHRASE_KEYS);
   });
