@@ -137,6 +137,8 @@ export class Session {
   private pausedIn = false;
   private held: Uint8Array[] = [];
   private heldBytes = 0;
+  private endPending = false;
+  private closePending: { err?: Error } | null = null;
   private wantWritable = false;
   private tcpEnded = false;
 
@@ -226,6 +228,10 @@ export class Session {
   onSocketEnd(): void {
     this.tcpEnded = true;
     if (this.phase === 'done') return;
+    if (this.held.length > 0) {
+      this.endPending = true; // held bytes come first: they may hold the CLOSE
+      return;
+    }
     if (this.phase !== 'open' && this.phase !== 'config') {
       this.finish(this.handshakeEof());
       return;
@@ -245,6 +251,10 @@ export class Session {
 
   onSocketClose(err?: Error): void {
     if (this.phase === 'done') return;
+    if (this.held.length > 0) {
+      this.closePending = { err };
+      return;
+    }
     if (this.phase === 'handshake' || (this.phase === 'config' && this.o.role === 'client')) {
       this.finish(err ? new VpnError('AUTH_FAILED', `connection lost during the handshake (${err.message})`) : this.handshakeEof());
       return;
@@ -472,7 +482,18 @@ export class Session {
       this.heldBytes -= c.length;
       this.onSocketData(c);
     }
-    if (!this.pausedIn) this.socket.resume();
+    if (this.held.length === 0 && (this.phase as Phase) !== 'done') {
+      if (this.endPending) {
+        this.endPending = false;
+        this.onSocketEnd();
+      }
+      if (this.closePending) {
+        const { err } = this.closePending;
+        this.closePending = null;
+        this.onSocketClose(err);
+      }
+    }
+    if (!this.pausedIn && (this.phase as Phase) !== 'done') this.socket.resume();
   }
 
   /** Outbound bytes waiting for the socket. */
