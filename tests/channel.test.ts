@@ -525,6 +525,37 @@ test('both directions sending at once stay in sync (one chain per direction)', (
   expect(got).toEqual(sent);
 });
 
+describe('buffers belong to their owners', () => {
+  test.each(EACH_ENGINE)('the receiver never writes into the chunks it is given, and the sender never into the payload (%s)', (_n, e) => {
+    const keys = dirKeys();
+    const tx = new ChannelSender(e, keys);
+    const payloads = [rand(0), rand(1), rand(100), rand(70000).subarray(3, 65539)];
+    const before = payloads.map(hex);
+    const frames = payloads.map((p) => tx.seal(RECORD.DATA, p));
+    expect(payloads.map(hex)).toEqual(before);
+    const whole = cat(...frames);
+    const copy = whole.slice();
+    // One chunk (frames opened where they lie) and awkward splits (frames reassembled in the receiver's own buffer).
+    for (const chunks of [[whole], [whole.subarray(0, 7), whole.subarray(7, 5000), whole.subarray(5000)]]) {
+      const { got, err } = feed(new ChannelReceiver(e, keys), chunks);
+      expect(err).toBeNull();
+      expect(got.map(([, p]) => p)).toEqual(before);
+      expect(hex(whole)).toBe(hex(copy));
+    }
+  });
+
+  test.each(EACH_ENGINE)('a delivered payload keeps its bytes while later frames arrive (%s)', (_n, e) => {
+    const keys = dirKeys();
+    const tx = new ChannelSender(e, keys);
+    const payloads = Array.from({ length: 6 }, (_, i) => rand(1000 + i));
+    const stream = cat(...payloads.map((p) => tx.seal(RECORD.DATA, p)));
+    const rx = new ChannelReceiver(e, keys);
+    const kept: Uint8Array[] = []; // the delivered arrays themselves, not copies
+    for (let off = 0; off < stream.length; off += 777) rx.push(stream.subarray(off, off + 777), (_t, p) => kept.push(p));
+    expect(kept.map(hex)).toEqual(payloads.map(hex));
+  });
+});
+
 describe('after a failure (§6 D2)', () => {
   test('only the records before the bad frame are delivered, and then the receiver refuses everything', () => {
     const { tx, rx, keys } = link();
