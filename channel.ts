@@ -53,6 +53,23 @@ function paddedLen(plaintextLen: number): number {
   return (Math.floor(plaintextLen / BLOCK) + 1) * BLOCK;
 }
 
+/**
+ * Where a large frame starts inside its allocation. On some CPUs (measured on this project's AMD EPYC machines) a
+ * copy whose destination lies 1–63 bytes after its source, modulo 4 KiB, runs up to 20 times slower (4K aliasing in
+ * `rep movsb`): 40 µs instead of 2–9 µs for 64 KiB. Large buffers start on a page, so the payload's `byteOffset`
+ * tells how its copy into the frame lines up; so does an engine's ciphertext (a fresh buffer) copied to offset 20.
+ * Shifting the frame by 64 or 128 bytes keeps both copies clear of that window.
+ */
+function frameLead(payloadOffset: number): number {
+  const bad = (d: number) => (d & 4095) >= 1 && (d & 4095) < 64;
+  for (let lead = 0; lead < 256; lead += 64) {
+    if (!bad(lead + HEADER_LEN + TYPE_LEN - payloadOffset) && !bad(lead + HEADER_LEN)) return lead;
+  }
+  return 0;
+}
+/** Below this payload size a copy is too short for the alignment of `frameLead` to matter. */
+const LEAD_MIN_PAYLOAD = 4096;
+
 // IVs come from a pooled CSPRNG read so that a frame does not cost a getRandomValues call of its own.
 const IV_POOL_SIZE = 4096;
 let ivPool = new Uint8Array(0);
@@ -93,17 +110,24 @@ export class ChannelSender {
     if (this.closed && (type === RECORD.DATA || type === RECORD.CLOSE)) throw new Error('record after CLOSE');
     const ptLen = TYPE_LEN + payload.length;
     const ctLen = paddedLen(ptLen);
-    const frame = new Uint8Array(HEADER_LEN + ctLen + MAC_LEN);
-    new DataView(frame.buffer).setUint32(0, ctLen);
+    const macAt = HEADER_LEN + ctLen;
+    // One allocation per frame: the plaintext is laid out where its ciphertext goes and encrypted in place.
+    const lead = payload.length < LEAD_MIN_PAYLOAD ? 0 : frameLead(payload.byteOffset);
+    const frame = lead === 0 ? new Uint8Array(macAt + MAC_LEN) : new Uint8Array(new ArrayBuffer(lead + macAt + MAC_LEN), lead);
+    frame[0] = ctLen >>> 24;
+    frame[1] = (ctLen >>> 16) & 0xff;
+    frame[2] = (ctLen >>> 8) & 0xff;
+    frame[3] = ctLen & 0xff;
     const iv = frame.subarray(LEN_LEN, HEADER_LEN);
     if (this.ivSource) iv.set(this.ivSource(IV_LEN));
     else nextIv(iv);
-    const pt = new Uint8Array(ptLen);
-    pt[0] = type;
-    pt.set(payload, TYPE_LEN);
-    frame.set(this.engine.encryptCbc(this.enc, iv, pt, true), HEADER_LEN);
-    const tag = this.mac(this.chain, frame.subarray(0, HEADER_LEN + ctLen));
-    frame.set(tag, HEADER_LEN + ctLen);
+    frame[HEADER_LEN] = type;
+    frame.set(payload, HEADER_LEN + TYPE_LEN);
+    const ct = frame.subarray(HEADER_LEN, macAt);
+    const sealed = this.engine.encryptCbc(this.enc, iv, frame.subarray(HEADER_LEN, HEADER_LEN + ptLen), true, ct);
+    if (sealed !== ct) ct.set(sealed); // an engine that does not write in place
+    const tag = this.mac(this.chain, frame.subarray(0, macAt));
+    frame.set(tag, macAt);
     this.chain = tag;
     this.frames++;
     if (type === RECORD.CLOSE) this.closed = true;
@@ -169,8 +193,9 @@ export class ChannelReceiver {
         if (this.hdrHave === 0 && chunk.length - off >= LEN_LEN) {
           total = this.frameLength(chunk, off);
           if (chunk.length - off >= total) {
-            // Fast path: the whole frame is inside this chunk; verify it in place.
-            this.openFrame(chunk.subarray(off, off + total), onRecord);
+            // Fast path: the whole frame is inside this chunk; verify it where it is (the chunk is the caller's:
+            // it is read, never written).
+            this.openFrame(chunk.subarray(off, off + total), onRecord, false);
             off += total;
             continue;
           }
@@ -196,7 +221,7 @@ export class ChannelReceiver {
       off += n;
       if (this.frameHave === f.length) {
         this.frame = null;
-        this.openFrame(f, onRecord);
+        this.openFrame(f, onRecord, true);
       }
     }
   }
@@ -213,7 +238,8 @@ export class ChannelReceiver {
     return out!;
   }
 
-  private openFrame(f: Uint8Array, onRecord: RecordHandler): void {
+  /** D2 for one whole frame. `own`: `f` is this receiver's reassembly buffer, so it may be decrypted in place. */
+  private openFrame(f: Uint8Array, onRecord: RecordHandler, own: boolean): void {
     const ctEnd = f.length - MAC_LEN;
     const expect = this.mac(this.chain, f.subarray(0, ctEnd));
     if (!equalBytes(expect, f.subarray(ctEnd))) {
@@ -222,7 +248,8 @@ export class ChannelReceiver {
     const iv = f.subarray(LEN_LEN, HEADER_LEN);
     let pt: Uint8Array;
     try {
-      pt = this.engine.decryptCbc(this.enc, iv, f.subarray(HEADER_LEN, ctEnd), true);
+      const ct = f.subarray(HEADER_LEN, ctEnd);
+      pt = this.engine.decryptCbc(this.enc, iv, ct, true, own ? ct : undefined);
     } catch {
       // Only a peer holding the MAC key can get here: a verified frame with bad padding is a peer bug.
       this.fail(`frame ${this.frames + 1} has invalid padding`);

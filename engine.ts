@@ -7,10 +7,15 @@
  *
  * Both produce identical bytes for identical inputs; tests/engine.test.ts cross-checks them. Key derivation
  * (HKDF, scrypt, SHA-256 of the transcript) runs once per process or handshake and always uses noble.
+ *
+ * The data path calls `encryptCbc`/`decryptCbc`/`mac` once per frame, so both engines avoid per-call waste: noble
+ * encrypts and decrypts into a caller's buffer (in place, for a frame) and re-keys one HMAC instance instead of
+ * cloning a new one; native pads and unpads itself so that no ciphertext is concatenated, and keeps the X25519
+ * KeyObject of a key pair it generated so the shared secret does not re-import (and re-derive) the secret key.
  */
 import { cbc } from '@noble/ciphers/aes.js';
 import { x25519 } from '@noble/curves/ed25519.js';
-import { hmac } from '@noble/hashes/hmac.js';
+import { type _HMAC, hmac } from '@noble/hashes/hmac.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import * as nodeCrypto from 'node:crypto';
 
@@ -21,10 +26,18 @@ export type KeyedMac = (...parts: Uint8Array[]) => Uint8Array;
 
 export interface Engine {
   readonly name: EngineName;
-  /** AES-256-CBC. `pad` selects PKCS#7; without it the input must be a whole number of blocks. */
-  encryptCbc(key: Uint8Array, iv: Uint8Array, plaintext: Uint8Array, pad: boolean): Uint8Array;
-  /** AES-256-CBC decryption; throws on a bad PKCS#7 pad (callers verify the MAC first, so this is never observable). */
-  decryptCbc(key: Uint8Array, iv: Uint8Array, ciphertext: Uint8Array, pad: boolean): Uint8Array;
+  /**
+   * AES-256-CBC. `pad` selects PKCS#7; without it the input must be a whole number of blocks. With `out` (exactly the
+   * ciphertext's length, and either apart from `plaintext` or starting at the same byte, for in-place use), an engine
+   * may write the ciphertext there and return `out`; it may also ignore `out` and return a new array.
+   */
+  encryptCbc(key: Uint8Array, iv: Uint8Array, plaintext: Uint8Array, pad: boolean, out?: Uint8Array): Uint8Array;
+  /**
+   * AES-256-CBC decryption; throws on a bad PKCS#7 pad (callers verify the MAC first, so this is never observable).
+   * `out` as for encryptCbc (`ciphertext`'s length; may be `ciphertext` itself); the result is always the returned
+   * array, which may be a view of `out`.
+   */
+  decryptCbc(key: Uint8Array, iv: Uint8Array, ciphertext: Uint8Array, pad: boolean, out?: Uint8Array): Uint8Array;
   /** HMAC-SHA256 under `key`, prepared once so per-frame MACs do not rehash the key. */
   mac(key: Uint8Array): KeyedMac;
   /** A fresh X25519 key pair (RFC 7748). */
@@ -38,6 +51,8 @@ export interface Engine {
 export type EngineName = 'noble' | 'native';
 export const ENGINE_NAMES: readonly EngineName[] = ['noble', 'native'];
 
+const BLOCK = 16;
+
 function rejectZero(shared: Uint8Array): Uint8Array {
   let acc = 0;
   for (const b of shared) acc |= b;
@@ -45,16 +60,28 @@ function rejectZero(shared: Uint8Array): Uint8Array {
   return shared;
 }
 
+/** noble writes into `out` only when it is 4-byte aligned; otherwise it gets a fresh array. */
+const usable = (out: Uint8Array | undefined, len: number) => out !== undefined && out.length === len && out.byteOffset % 4 === 0;
+
 export const nobleEngine: Engine = {
   name: 'noble',
-  encryptCbc: (key, iv, plaintext, pad) => cbc(key, iv, { disablePadding: !pad }).encrypt(plaintext),
-  decryptCbc: (key, iv, ciphertext, pad) => cbc(key, iv, { disablePadding: !pad }).decrypt(ciphertext),
+  encryptCbc(key, iv, plaintext, pad, out) {
+    const len = pad ? (Math.floor(plaintext.length / BLOCK) + 1) * BLOCK : plaintext.length;
+    return cbc(key, iv, { disablePadding: !pad }).encrypt(plaintext, usable(out, len) ? out : undefined);
+  },
+  decryptCbc(key, iv, ciphertext, pad, out) {
+    return cbc(key, iv, { disablePadding: !pad }).decrypt(ciphertext, usable(out, ciphertext.length) ? out : undefined);
+  },
   mac(key) {
     const keyed = hmac.create(sha256, key);
+    // One working instance, reset from the keyed state per message: no per-message clone to allocate.
+    let work: _HMAC<any> | undefined;
     return (...parts) => {
-      const h = keyed.clone();
+      const h = (work = keyed._cloneInto(work));
       for (const p of parts) h.update(p);
-      return h.digest();
+      const tag = new Uint8Array(MAC_LEN);
+      h.digestInto(tag);
+      return tag;
     };
   },
   x25519Keygen: () => {
@@ -79,25 +106,60 @@ const PKCS8_X25519 = Buffer.from('302e020100300506032b656e04220420', 'hex');
 const SPKI_X25519 = Buffer.from('302a300506032b656e032100', 'hex');
 const u8 = (b: Buffer) => new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 
-function nativePrivate(secretKey: Uint8Array) {
+/**
+ * Secret keys this engine generated, with their KeyObject: importing a raw secret key costs a scalar
+ * multiplication (node:crypto derives the public key), as much as half of the shared-secret computation. An entry
+ * serves one `x25519` call (ephemeral keys are used once) and only while the caller's array still holds the bytes it
+ * was made for; its copy of the bytes is wiped when used, and it goes away with the caller's array in any case.
+ */
+const generated = new WeakMap<Uint8Array, { bytes: Uint8Array; key: nodeCrypto.KeyObject }>();
+
+function nativePrivate(secretKey: Uint8Array, once = false): nodeCrypto.KeyObject {
+  const g = generated.get(secretKey);
+  if (g) {
+    const same = g.bytes.length === secretKey.length && g.bytes.every((b, i) => b === secretKey[i]);
+    if (once || !same) {
+      generated.delete(secretKey);
+      g.bytes.fill(0);
+    }
+    if (same) return g.key;
+  }
   return nodeCrypto.createPrivateKey({ key: Buffer.concat([PKCS8_X25519, secretKey]), format: 'der', type: 'pkcs8' });
+}
+
+/** Strip a PKCS#7 pad (1–16 bytes, all equal to their count); throws when it is not one. */
+function unpad(pt: Uint8Array): Uint8Array {
+  const n = pt.length;
+  const p = n > 0 ? pt[n - 1]! : 0;
+  let bad = n === 0 || p === 0 || p > BLOCK ? 1 : 0;
+  for (let i = 1; i <= BLOCK && i <= n; i++) if (i <= p && pt[n - i] !== p) bad = 1;
+  if (bad) throw new Error('aes-cbc: invalid PKCS#7 padding');
+  return pt.subarray(0, n - p);
 }
 
 export const nativeEngine: Engine = {
   name: 'native',
-  encryptCbc(key, iv, plaintext, pad) {
+  encryptCbc(key, iv, plaintext, pad, out) {
     const c = nodeCrypto.createCipheriv('aes-256-cbc', key, iv);
     c.setAutoPadding(pad);
     const a = c.update(plaintext);
     const b = c.final();
-    return b.length === 0 ? u8(a) : u8(Buffer.concat([a, b]));
+    const len = a.length + b.length;
+    if (b.length === 0 && !(out && out.length === len)) return u8(a);
+    // Both parts straight into their final place: no concatenation.
+    const ct = out && out.length === len ? out : new Uint8Array(len);
+    ct.set(a);
+    ct.set(b, a.length);
+    return ct;
   },
   decryptCbc(key, iv, ciphertext, pad) {
+    // The pad is checked here, not by BoringSSL: with auto-padding on, update() holds the last block back and final()
+    // returns it, so the plaintext would have to be concatenated from two buffers.
     const d = nodeCrypto.createDecipheriv('aes-256-cbc', key, iv);
-    d.setAutoPadding(pad);
+    d.setAutoPadding(false);
     const a = d.update(ciphertext);
-    const b = d.final();
-    return b.length === 0 ? u8(a) : u8(Buffer.concat([a, b]));
+    d.final(); // throws when the input is not a whole number of blocks
+    return pad ? unpad(u8(a)) : u8(a);
   },
   mac(key) {
     const k = Buffer.from(key);
@@ -111,13 +173,16 @@ export const nativeEngine: Engine = {
     const { privateKey, publicKey } = nodeCrypto.generateKeyPairSync('x25519');
     const sk = privateKey.export({ format: 'der', type: 'pkcs8' });
     const pk = publicKey.export({ format: 'der', type: 'spki' });
-    return { secretKey: new Uint8Array(sk.subarray(PKCS8_X25519.length)), publicKey: new Uint8Array(pk.subarray(SPKI_X25519.length)) };
+    const secretKey = new Uint8Array(sk.subarray(PKCS8_X25519.length));
+    sk.fill(0);
+    generated.set(secretKey, { bytes: secretKey.slice(), key: privateKey });
+    return { secretKey, publicKey: new Uint8Array(pk.subarray(SPKI_X25519.length)) };
   },
   x25519(secretKey, publicKey) {
     let shared: Uint8Array;
     try {
       const pub = nodeCrypto.createPublicKey({ key: Buffer.concat([SPKI_X25519, publicKey]), format: 'der', type: 'spki' });
-      shared = u8(nodeCrypto.diffieHellman({ privateKey: nativePrivate(secretKey), publicKey: pub }));
+      shared = u8(nodeCrypto.diffieHellman({ privateKey: nativePrivate(secretKey, true), publicKey: pub }));
     } catch {
       shared = new Uint8Array(32); // BoringSSL refuses low-order points by throwing
     }
