@@ -6,6 +6,52 @@ import { createInterface } from 'node:readline';
 import type { Session, SessionApp } from './session.ts';
 import type { VpnError } from './errors.ts';
 
+/**
+ * stdout with real backpressure. Bun's process.stdout buffers without limit and its write callbacks fire before
+ * the bytes are out (so process.exit loses them); a FileSink's flush() returns a promise while bytes are pending.
+ */
+export class StdoutSink {
+  private readonly w = Bun.stdout.writer({ highWaterMark: 64 * 1024 });
+  private pending: Promise<void> | null = null;
+  onDrain?: () => void;
+
+  /** Write; false means "pause the source until onDrain". */
+  write(data: Uint8Array | string): boolean {
+    this.w.write(data);
+    if (this.pending) return false;
+    const f = this.w.flush();
+    if (!(f instanceof Promise)) return true;
+    this.pending = f.then(
+      () => this.settled(),
+      () => this.settled(),
+    );
+    return false;
+  }
+
+  private settled(): void {
+    this.pending = null;
+    const f = this.w.flush();
+    if (f instanceof Promise) {
+      this.pending = f.then(
+        () => this.settled(),
+        () => this.settled(),
+      );
+      return;
+    }
+    this.onDrain?.();
+  }
+
+  /** Resolves once every byte written so far has left the process. */
+  async drain(): Promise<void> {
+    for (let i = 0; i < 1_000_000; i++) {
+      if (this.pending) await this.pending;
+      const f = this.w.flush();
+      if (!(f instanceof Promise)) return;
+      await f;
+    }
+  }
+}
+
 /** Where a stdio session's bytes come from and go to. One source serves sessions one after another. */
 export class StdioBridge {
   private readonly chat: boolean;
@@ -18,8 +64,11 @@ export class StdioBridge {
   private partialLine = '';
   private readonly decoder = new TextDecoder();
 
+  private readonly out = new StdoutSink();
+
   constructor(chat = process.stdin.isTTY === true) {
     this.chat = chat;
+    this.out.onDrain = () => this.session?.resumeInbound();
   }
 
   /** Session callbacks for one session; `done` is called once when it ends. */
@@ -34,7 +83,7 @@ export class StdioBridge {
       onData: (payload) => (this.chat ? this.printChat(payload) : this.writeOut(payload)),
       onPeerClose: () => {
         if (this.chat) {
-          if (this.partialLine) process.stdout.write(`peer> ${this.partialLine}\n`);
+          if (this.partialLine) this.out.write(`peer> ${this.partialLine}\n`);
           this.partialLine = '';
           process.stderr.write('(the peer closed the chat)\n');
           this.session?.close();
@@ -48,7 +97,7 @@ export class StdioBridge {
         this.waitWritable = null;
         w?.();
         // Let stdout drain before the caller may exit.
-        process.stdout.write('', () => done(err));
+        void this.out.drain().then(() => done(err));
       },
       onWritable: () => {
         const w = this.waitWritable;
@@ -59,11 +108,7 @@ export class StdioBridge {
   }
 
   private writeOut(payload: Uint8Array): void {
-    const s = this.session;
-    if (!process.stdout.write(payload) && s) {
-      s.pauseInbound();
-      process.stdout.once('drain', () => s.resumeInbound());
-    }
+    if (!this.out.write(payload)) this.session?.pauseInbound();
   }
 
   /** Copy stdin into the current session, pausing while the tunnel's queue is above its high-water mark. */
@@ -108,6 +153,6 @@ export class StdioBridge {
     const text = this.partialLine + this.decoder.decode(payload, { stream: true });
     const lines = text.split('\n');
     this.partialLine = lines.pop() ?? '';
-    for (const l of lines) process.stdout.write(`peer> ${l}\n`);
+    for (const l of lines) this.out.write(`peer> ${l}\n`);
   }
 }

@@ -203,3 +203,32 @@ describe('terminal chat (a real pty through script(1))', () => {
     expect(r.code).toBe(0);
   });
 });
+
+describe('stdout backpressure', () => {
+  test('a stdout reader that stalls holds the tunnel back: connect stays bounded and nothing is lost', async () => {
+    using dir = tempDir();
+    const key = await keygen(dir.path);
+    const data = random(48 << 20);
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key], { stdin: 'pipe' });
+    const port = await srv.listeningPort();
+    // stdout is a pipe that nobody reads for a while.
+    const cli = Bun.spawn(['bun', join(import.meta.dir, '..', 'vpn.ts'), 'connect', `127.0.0.1:${port}`, '--key', key], {
+      stdin: 'ignore',
+      stdout: 'pipe',
+      stderr: 'pipe',
+    });
+    try {
+      const feeding = feedStdin(srv, data);
+      await Bun.sleep(3000);
+      const { rssKiB } = await import('./helpers.ts');
+      expect(rssKiB(cli.pid)).toBeLessThan(150 * 1024); // 48 MiB are waiting upstream, not in this process
+      const out = new Uint8Array(await new Response(cli.stdout).arrayBuffer());
+      await feeding;
+      expect(await cli.exited).toBe(0);
+      expect(out.length).toBe(data.length);
+      expect(sha256(out)).toBe(sha256(data));
+    } finally {
+      cli.kill('SIGKILL');
+    }
+  });
+});

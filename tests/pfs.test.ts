@@ -26,7 +26,7 @@ async function rewritingProxy(targetPort: number, rewrite: (chunk: Uint8Array, o
           data: { pending: [], offset: 0, peer: client },
           socket: {
             data: (s, d) => void s.data.peer?.write(d),
-            close: (s) => s.data.peer?.end(),
+            close: (s) => void s.data.peer?.end(),
           },
         });
         client.data.peer = server;
@@ -38,7 +38,7 @@ async function rewritingProxy(targetPort: number, rewrite: (chunk: Uint8Array, o
         if (client.data.peer) client.data.peer.write(out);
         else client.data.pending.push(out);
       },
-      close: (c) => c.data.peer?.end(),
+      close: (c) => void c.data.peer?.end(),
     },
   });
   return listener;
