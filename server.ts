@@ -16,12 +16,12 @@ export function logSessionEnd(session: Session, err: VpnError | null): void {
   const peer = session.peer;
   if (session.version === 0 && err) {
     const host = peer.replace(/:\d+$/, '');
-    log.limited('warn', `handshake failed|${host}|${err.code}`, `handshake failed ${peer}: ${err.message}`);
+    log.limited('error', `handshake failed|${host}|${err.code}`, `handshake failed ${peer}: ${err.message}`);
     return;
   }
   const secs = ((Date.now() - session.startedAt) / 1000).toFixed(1);
   const line = `session closed ${peer} after ${secs} s, ${session.bytesIn} bytes in, ${session.bytesOut} bytes out: ${err ? err.message : 'clean end'}`;
-  if (err) log.limited('warn', `session closed|${peer.replace(/:\d+$/, '')}|${err.code}`, line);
+  if (err) log.limited('error', `session closed|${peer.replace(/:\d+$/, '')}|${err.code}`, line);
   else log.info(line);
 }
 

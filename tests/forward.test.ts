@@ -349,3 +349,23 @@ describe('graceful shutdown and PROXY protocol', () => {
     target.stop(true);
   });
 });
+
+describe('logs', () => {
+  test('identical handshake failures from one address are rate-limited, and --quiet keeps errors only', async () => {
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', '127.0.0.1:9', '--quiet']);
+    const port = await srv.listeningPort();
+    const junk = new Uint8Array(200).fill(0xff); // version byte 0xff: rejected at once
+    for (let i = 0; i < 40; i++) {
+      const closed = Promise.withResolvers<void>();
+      const s = await Bun.connect({ hostname: '127.0.0.1', port, socket: { data() {}, close: () => closed.resolve() } });
+      s.write(junk);
+      await closed.promise;
+    }
+    await srv.waitFor(/handshake failed/);
+    await Bun.sleep(300);
+    const lines = srv.stderr.match(/^handshake failed .*unknown protocol version byte 0xff/gm) ?? [];
+    expect(lines.length).toBeGreaterThanOrEqual(1);
+    expect(lines.length).toBeLessThanOrEqual(5);
+    expect(srv.stderr).not.toContain('session opened'); // info lines are gone with --quiet
+  });
+});
