@@ -352,8 +352,14 @@ describe('graceful shutdown and PROXY protocol', () => {
 
 describe('logs', () => {
   test('identical handshake failures from one address are rate-limited, and --quiet keeps errors only', async () => {
-    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', '127.0.0.1:9', '--quiet']);
+    const target = tcpServer({ data: (so, d) => void so.write(d), end: (so) => void so.end() });
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', `127.0.0.1:${target.port}`, '--quiet']);
     const port = await srv.listeningPort();
+    // One good session first: with --quiet its "session opened/closed" info lines are not printed.
+    using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key, '--local', '127.0.0.1:0']);
+    const echoed = await exchange(await cli.listeningPort(), new TextEncoder().encode('quiet please'));
+    expect(new TextDecoder().decode(echoed.data)).toBe('quiet please');
+    await cli.waitFor(/session closed .*clean end/);
     const junk = new Uint8Array(200).fill(0xff); // version byte 0xff: rejected at once
     for (let i = 0; i < 40; i++) {
       const closed = Promise.withResolvers<void>();
@@ -367,5 +373,7 @@ describe('logs', () => {
     expect(lines.length).toBeGreaterThanOrEqual(1);
     expect(lines.length).toBeLessThanOrEqual(5);
     expect(srv.stderr).not.toContain('session opened'); // info lines are gone with --quiet
+    expect(srv.stderr).not.toContain('session closed');
+    target.stop(true);
   });
 });
