@@ -17,6 +17,7 @@ import { log } from './log.ts';
 import type { Socket } from 'bun';
 import { Session, sessionHandler, type SessionOptions } from './session.ts';
 import { StdioBridge } from './stdio.ts';
+import { keysFromSupervisor, parseWorkers, superviseWorkers, workerIndex } from './workers.ts';
 import { connectTun, DEFAULT_MTU, serveTun, wantsTun } from './tun.ts';
 
 export const VERSION = '0.1.0';
@@ -69,6 +70,8 @@ keeps listening; each session's bytes go to stdout and come from stdin.
   --proxy-protocol       with --forward: send a PROXY protocol v1 header to ADDR first,
                          naming the tunnel client's address and port
   --max-conns N          open connections at most; more are refused (default 100)
+  --workers N            with --forward: N worker processes share the TCP port (SO_REUSEPORT),
+                         so that one server uses N cores; --max-conns counts per worker
   --grace S              on SIGINT/SIGTERM: send CLOSE on every session, wait up to S
                          seconds for them to end, exit 0 (default 10)
   --require-pfs          refuse clients that offer protocol version 1 (--no-pfs)
@@ -132,6 +135,7 @@ const OPTIONS = {
   'max-conns': { type: 'string' },
   grace: { type: 'string' },
   'proxy-protocol': { type: 'boolean' },
+  workers: { type: 'string' },
   tun: { type: 'string' },
   'tun-name': { type: 'string' },
   mtu: { type: 'string' },
@@ -140,7 +144,7 @@ const OPTIONS = {
 } as const;
 
 const COMMAND_FLAGS: Record<string, string[]> = {
-  serve: ['listen', 'key', 'secret', 'once', 'verbose', 'step', 'quiet', 'engine', 'require-pfs', 'handshake-timeout', 'keepalive', 'help', 'forward', 'proxy-protocol', 'max-conns', 'grace', 'tun', 'tun-name', 'mtu', 'route'],
+  serve: ['listen', 'key', 'secret', 'once', 'verbose', 'step', 'quiet', 'engine', 'require-pfs', 'handshake-timeout', 'keepalive', 'help', 'forward', 'proxy-protocol', 'max-conns', 'workers', 'grace', 'tun', 'tun-name', 'mtu', 'route'],
   connect: ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'no-pfs', 'handshake-timeout', 'keepalive', 'help', 'local', 'max-conns', 'grace', 'tun', 'tun-name', 'mtu', 'route'],
   keygen: ['help'],
 };
@@ -222,6 +226,7 @@ async function promptHidden(question: string): Promise<string> {
 
 /** The secret, in the documented order: --key, --secret, VPN_SECRET, a prompt on a terminal; else USAGE. */
 async function loadKeys(flags: Flags): Promise<LongTermKeys> {
+  if (workerIndex() > 0) return await keysFromSupervisor(() => process.kill(process.pid, 'SIGTERM')); // serve --workers
   if (flags.key !== undefined && flags.secret !== undefined) throw new VpnError('USAGE', 'give either --key or --secret, not both');
   if (flags.key !== undefined) {
     const raw = readKeyFile(flags.key);
@@ -408,14 +413,18 @@ async function main(argv: string[]): Promise<number> {
   if (command === 'serve') {
     if (parsed.positionals.length > 0) throw new VpnError('USAGE', `serve takes no positional arguments (did you mean --listen ${parsed.positionals[0]}?)`);
     const listen = parseAddress(flags.listen ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen');
+    if (flags.workers !== undefined && flags.forward === undefined) throw new VpnError('USAGE', '--workers needs --forward (stdio and TUN servers run in one process)');
     if (wantsTun(flags)) return await serveTun(await settings(flags, 'server'), listen);
     if (flags['proxy-protocol'] && flags.forward === undefined) throw new VpnError('USAGE', '--proxy-protocol needs --forward');
     if (flags.forward !== undefined) {
       const target = parseAddress(flags.forward, '--forward');
       const maxConns = count(flags, 'max-conns', 100);
       const graceMs = seconds(flags, 'grace', 10) * 1000;
+      const workers = parseWorkers(flags.workers);
+      if (workers > 1 && flags.step) throw new VpnError('USAGE', '--workers cannot be used with --step');
       const s = await settings(flags, 'server');
-      return await serveForward(s.base, { listen, target, maxConns, graceMs, proxyProtocol: flags['proxy-protocol'] === true });
+      if (workers > 1) return await superviseWorkers({ workers, listen, keys: s.keys, args: rest, graceMs });
+      return await serveForward(s.base, { listen, target, maxConns, graceMs, proxyProtocol: flags['proxy-protocol'] === true, reusePort: workerIndex() > 0 });
     }
     const s = await settings(flags, 'server');
     return await serveStdio(s, listen);

@@ -1,0 +1,238 @@
+/**
+ * `serve --forward … --workers N`: N processes accept on one TCP port (SO_REUSEPORT), so that one server uses every
+ * core. The kernel spreads new connections over the workers by a hash of their addresses; a session lives and dies
+ * in the worker that accepted it. `--max-conns` applies to each worker.
+ *
+ * The process the user started supervises and serves nothing itself:
+ *   1. it checks the port: a fixed port that is in use fails here, once, exactly as without --workers (the check binds
+ *      without SO_REUSEPORT, so a second `serve --workers` on the same port is refused instead of silently sharing
+ *      it); port 0 is bound here with SO_REUSEPORT to learn which port the kernel picks, and that socket is held
+ *      until every worker listens on the same port, then closed (nobody has been told the port yet, so it accepts
+ *      nothing);
+ *   2. it derives the long-term keys once (one key file read, one scrypt, one prompt) and hands them to each worker
+ *      on its stdin, never in argv or the environment;
+ *   3. it starts N workers running its own command line without --workers and with --listen naming the port, with
+ *      VPN_WORKER=i in the environment, waits for each one's "listening on" line, and prints the one
+ *      "listening on HOST:PORT" line itself;
+ *   4. it passes every other line a worker logs through, prefixed "[worker i pid P] ";
+ *   5. it passes SIGINT and SIGTERM to every worker (each shuts down gracefully, --grace) and exits with the worst of
+ *      their statuses. A worker that exits on its own takes the others down and the supervisor exits with its
+ *      status (1 if that was 0): a service manager then restarts the whole set, rather than the port being served by
+ *      fewer workers than asked for without anyone noticing.
+ *
+ * Workers run in their own session, so a terminal's Ctrl-C reaches them once, through the supervisor. They watch
+ * their stdin: when the supervisor dies, even by SIGKILL, the pipe closes and each worker shuts down gracefully
+ * instead of serving on unsupervised.
+ */
+import type { Subprocess } from 'bun';
+import { type Address, formatAddress } from './address.ts';
+import { EXIT_NETWORK, EXIT_OK, VpnError } from './errors.ts';
+import type { LongTermKeys } from './handshake.ts';
+import { KEY_LEN } from './handshake.ts';
+
+/** Most workers a server may start. */
+export const MAX_WORKERS = 64;
+/** How long the supervisor waits for all workers to listen. */
+const START_TIMEOUT_MS = 60_000;
+/** Extra time, past --grace, that workers get to exit before they are killed. */
+const STOP_SLACK_MS = 5_000;
+
+/** `--workers N`: 1 … MAX_WORKERS; throws USAGE otherwise. */
+export function parseWorkers(text: string | undefined): number {
+  if (text === undefined) return 1;
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isInteger(n) || n < 1 || n > MAX_WORKERS) {
+    throw new VpnError('USAGE', `--workers: expected a whole number from 1 to ${MAX_WORKERS}, got "${text}"`);
+  }
+  return n;
+}
+
+/** The worker number this process was started as by a supervisor (VPN_WORKER), or 0 for none. */
+export function workerIndex(): number {
+  const n = Number(process.env.VPN_WORKER ?? '0');
+  return Number.isInteger(n) && n > 0 ? n : 0;
+}
+
+/** `args` (the command line after the command) without --workers, with --listen set to `listen`. */
+export function workerArgs(args: readonly string[], listen: string): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--') {
+      out.push(...args.slice(i));
+      break;
+    }
+    if (a === '--workers' || a === '--listen') {
+      i++; // and its value
+      continue;
+    }
+    if (a.startsWith('--workers=') || a.startsWith('--listen=')) continue;
+    out.push(a);
+  }
+  return ['--listen', listen, ...out];
+}
+
+function keysLine(keys: LongTermKeys): string {
+  return Buffer.from(keys.wrap).toString('hex') + Buffer.from(keys.auth).toString('hex') + '\n';
+}
+
+/**
+ * Worker side: read the long-term keys the supervisor sends as the first line of stdin, then keep watching stdin and
+ * call `orphaned` once it closes (the supervisor is gone). Throws USAGE on anything but a key line.
+ */
+export async function keysFromSupervisor(orphaned: () => void): Promise<LongTermKeys> {
+  const reader = Bun.stdin.stream().getReader();
+  let text = '';
+  const limit = 4 * KEY_LEN + 1;
+  while (!text.includes('\n') && text.length <= limit) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += Buffer.from(value).toString('latin1');
+  }
+  const line = text.split('\n')[0]!;
+  if (!/^[0-9a-f]+$/.test(line) || line.length !== 4 * KEY_LEN) {
+    throw new VpnError('USAGE', 'VPN_WORKER is set but stdin did not bring the keys (VPN_WORKER is for serve --workers only)');
+  }
+  const raw = Buffer.from(line, 'hex');
+  const keys = { wrap: new Uint8Array(raw.subarray(0, KEY_LEN)), auth: new Uint8Array(raw.subarray(KEY_LEN)) };
+  raw.fill(0);
+  void (async () => {
+    try {
+      while (!(await reader.read()).done) {
+        // the supervisor never writes more; just wait for the end
+      }
+    } catch {
+      // a broken pipe is an end too
+    }
+    orphaned();
+  })();
+  return keys;
+}
+
+interface Worker {
+  index: number;
+  proc: Subprocess<'pipe', 'inherit', 'pipe'>;
+  listening: Promise<void>;
+}
+
+/** Bind `listen` once to check it (fixed port) or to pick the port (port 0). Throws NETWORK as a server would. */
+function claimPort(listen: Address & { kind: 'tcp' }): { port: number; release: () => void } {
+  const socket = { open: (s: { terminate(): void }) => s.terminate(), data() {} };
+  try {
+    if (listen.port !== 0) {
+      Bun.listen({ hostname: listen.host, port: listen.port, socket }).stop(true);
+      return { port: listen.port, release: () => {} };
+    }
+    const holder = Bun.listen({ hostname: listen.host, port: 0, socket, reusePort: true } as never) as { port: number; stop(force: boolean): void };
+    return { port: holder.port, release: () => holder.stop(true) };
+  } catch (e) {
+    throw new VpnError('NETWORK', `cannot listen on ${formatAddress(listen)} (${(e as Error).message})`);
+  }
+}
+
+export interface SuperviseOptions {
+  workers: number;
+  listen: Address;
+  keys: LongTermKeys;
+  /** the command line after the command name (`serve`), as the user gave it */
+  args: readonly string[];
+  graceMs: number;
+}
+
+/** Run the supervisor until every worker has exited; resolves with the exit status. */
+export async function superviseWorkers(o: SuperviseOptions): Promise<number> {
+  if (o.listen.kind !== 'tcp') throw new VpnError('USAGE', '--workers needs a TCP --listen address (workers share a TCP port)');
+  const claim = claimPort(o.listen);
+  const shown = formatAddress({ ...o.listen, port: claim.port });
+  const args = workerArgs(o.args, shown);
+  const script = process.argv[1]!;
+  const workers: Worker[] = [];
+  let stopping = false;
+  let status = EXIT_OK;
+  const signalAll = (sig: NodeJS.Signals) => {
+    for (const w of workers) {
+      try {
+        w.proc.kill(sig);
+      } catch {
+        // already gone
+      }
+    }
+  };
+  /** Pass `sig` to every worker; the first time, also arm the kill of whatever is left after --grace and some slack. */
+  const stopAll = (sig: NodeJS.Signals) => {
+    if (!stopping) setTimeout(() => signalAll('SIGKILL'), o.graceMs + STOP_SLACK_MS).unref();
+    stopping = true;
+    signalAll(sig);
+  };
+  const { promise: startFailed, reject: failStart } = Promise.withResolvers<never>();
+  startFailed.catch(() => {});
+
+  for (let i = 1; i <= o.workers; i++) {
+    const proc = Bun.spawn([process.execPath, script, 'serve', ...args], {
+      stdin: 'pipe',
+      stdout: 'inherit',
+      stderr: 'pipe',
+      env: { ...process.env, VPN_WORKER: String(i) },
+      detached: true,
+    }) as Subprocess<'pipe', 'inherit', 'pipe'>;
+    proc.stdin.write(keysLine(o.keys));
+    proc.stdin.flush();
+    const { promise: listening, resolve } = Promise.withResolvers<void>();
+    const w: Worker = { index: i, proc, listening };
+    workers.push(w);
+    void relay(w, resolve);
+    void proc.exited.then((code) => {
+      const s = proc.signalCode !== null || code === null ? EXIT_NETWORK : code; // killed by a signal: a network-class failure
+      if (!stopping) {
+        process.stderr.write(`worker ${i} (pid ${proc.pid}) exited with status ${s}; stopping the other workers\n`);
+        status = s === EXIT_OK ? EXIT_NETWORK : s;
+        stopAll('SIGTERM');
+        failStart(new Error(`worker ${i} exited`));
+      } else if (s !== EXIT_OK && status === EXIT_OK) {
+        status = s;
+      }
+    });
+  }
+  process.on('SIGINT', () => stopAll('SIGINT'));
+  process.on('SIGTERM', () => stopAll('SIGTERM'));
+
+  const timer = setTimeout(() => failStart(new Error('start timeout')), START_TIMEOUT_MS);
+  try {
+    await Promise.race([Promise.all(workers.map((w) => w.listening)), startFailed]);
+    process.stderr.write(`listening on ${shown}\n`);
+  } catch (e) {
+    if (!stopping) {
+      process.stderr.write(`the workers did not all listen within ${START_TIMEOUT_MS / 1000} s (${(e as Error).message}); stopping them\n`);
+      status = EXIT_NETWORK;
+      stopAll('SIGTERM');
+    }
+  } finally {
+    clearTimeout(timer);
+    claim.release();
+  }
+  await Promise.all(workers.map((w) => w.proc.exited));
+  return status;
+}
+
+/** Copy a worker's stderr to ours line by line, prefixed; its "listening on" line resolves `listening` instead. */
+async function relay(w: Worker, listening: () => void): Promise<void> {
+  const prefix = `[worker ${w.index} pid ${w.proc.pid}] `;
+  const dec = new TextDecoder();
+  let buf = '';
+  let seen = false;
+  for await (const chunk of w.proc.stderr) {
+    buf += dec.decode(chunk, { stream: true });
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      if (!seen && line.startsWith('listening on ')) {
+        seen = true;
+        listening();
+        continue;
+      }
+      process.stderr.write(prefix + line + '\n');
+    }
+  }
+  if (buf) process.stderr.write(prefix + buf + '\n');
+}
