@@ -24,6 +24,7 @@ import { BLOCK, FRAME_OVERHEAD, TYPE_LEN } from './channel.ts';
 import { asVpnError, EXIT_OK, VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { type Json, Session, sessionHandler } from './session.ts';
+import { boundAddress, listenOn } from './server.ts';
 import type { Settings } from './vpn.ts';
 
 // ---- Linux ABI (linux/if_tun.h, linux/if.h, linux/capability.h) ----
@@ -683,17 +684,13 @@ export async function serveTun(s: Settings, listen: Address): Promise<number> {
 
   let server;
   try {
-    server =
-      listen.kind === 'unix'
-        ? Bun.listen({ unix: listen.path, allowHalfOpen: true, data: {}, socket: handler })
-        : Bun.listen({ hostname: listen.host, port: listen.port, allowHalfOpen: true, data: {}, socket: handler });
+    server = listenOn(listen, {}, handler);
   } catch (e) {
     dev.close();
-    throw new VpnError('NETWORK', `cannot listen on ${formatAddress(listen)} (${(e as Error).message})`);
+    throw e;
   }
   log.info(`tun ${dev.name} up: ${formatCidr(o.address!)}, mtu ${mtu}${routes.length ? `, pushing routes ${routes.join(' ')}` : ''}`);
-  const shown = listen.kind === 'unix' ? listen : { ...listen, port: (server as { port: number }).port };
-  process.stderr.write(`listening on ${formatAddress(shown)}\n`);
+  process.stderr.write(`listening on ${formatAddress(boundAddress(listen, server))}\n`);
 
   const { promise: stopped, resolve: stop } = Promise.withResolvers<string>();
   const removeSignals = onStopSignal(stop);

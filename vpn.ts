@@ -12,7 +12,7 @@ import { ENGINE_NAMES, getEngine } from './engine.ts';
 import { asVpnError, EXIT_OK, EXIT_USAGE, VpnError } from './errors.ts';
 import { keysFromKeyFile, keysFromPassphrase, KEYFILE_LEN, type LongTermKeys, VERSION_1, VERSION_2 } from './handshake.ts';
 import { connectLocal, serveForward } from './forward.ts';
-import { logSessionEnd } from './server.ts';
+import { boundAddress, listenOn, logSessionEnd } from './server.ts';
 import { log } from './log.ts';
 import type { Socket } from 'bun';
 import { Session, sessionHandler, type SessionOptions } from './session.ts';
@@ -345,17 +345,8 @@ async function serveStdio(s: Settings, listen: Address): Promise<number> {
       socket.data.session = session;
     },
   };
-  let server;
-  try {
-    server =
-      listen.kind === 'unix'
-        ? Bun.listen({ unix: listen.path, allowHalfOpen: true, data: {}, socket: handler })
-        : Bun.listen({ hostname: listen.host, port: listen.port, allowHalfOpen: true, data: {}, socket: handler });
-  } catch (e) {
-    throw new VpnError('NETWORK', `cannot listen on ${formatAddress(listen)} (${(e as Error).message})`);
-  }
-  const shown = listen.kind === 'unix' ? listen : { ...listen, port: (server as { port: number }).port };
-  process.stderr.write(`listening on ${formatAddress(shown)}\n`);
+  const server = listenOn(listen, {}, handler);
+  process.stderr.write(`listening on ${formatAddress(boundAddress(listen, server))}\n`);
   if (!s.flags.once) return await new Promise<number>(() => {});
   const status = await onceDone;
   server.stop(true);
