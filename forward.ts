@@ -53,7 +53,7 @@ export class Bridge implements SessionApp {
     } catch {
       // unix sockets
     }
-    this.toTcp = new WriteQueue(tcp);
+    this.toTcp = new WriteQueue(tcp, () => this.onTcpDrain());
     for (const p of this.pending) this.toTcp.write(p);
     this.pending = [];
     this.pendingBytes = 0;

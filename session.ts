@@ -69,13 +69,56 @@ type Phase = 'handshake' | 'config' | 'open' | 'done';
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 
-/** A queue in front of a Bun socket: what `write` did not take is kept and flushed on `drain`. */
+// ---- Write coalescing ----
+/** Writes of at most this many bytes made inside `corked` are gathered into one socket write. */
+const GATHER_MAX_WRITE = 16 * 1024;
+/** A gathered batch goes out as soon as it holds this much. */
+const GATHER_BATCH = 64 * 1024;
+let corkDepth = 0;
+let gathering: WriteQueue[] = [];
+
+/**
+ * Run `fn` with small writes gathered: each WriteQueue written to inside `fn` sends what it gathered as one socket
+ * write when the outermost `corked` returns. Many small records opened from one read become one write to the app;
+ * many small records sealed in one go (say, TUN packets from one read) become one write to the tunnel.
+ */
+export function corked<T>(fn: () => T): T {
+  corkDepth++;
+  try {
+    return fn();
+  } finally {
+    if (--corkDepth === 0) {
+      const queues = gathering;
+      gathering = [];
+      for (const q of queues) q.sendGathered(true);
+    }
+  }
+}
+
+/**
+ * A queue in front of a Bun socket: what `write` did not take is kept and flushed on `drain`. Inside `corked`, small
+ * writes are gathered instead and sent together; `onDrained` runs when sending them left nothing queued (there is no
+ * `drain` event then, and someone may be waiting for `empty`).
+ */
 export class WriteQueue {
   private q: Uint8Array[] = [];
   queued = 0;
-  constructor(private readonly socket: Socket<any>) {}
+  private gathered: Uint8Array[] = [];
+  private gatheredBytes = 0;
+  constructor(
+    private readonly socket: Socket<any>,
+    private readonly onDrained?: () => void,
+  ) {}
   /** Queue or write `data`; returns true while the queue is below the high-water mark. */
   write(data: Uint8Array): boolean {
+    if (corkDepth > 0 && this.q.length === 0 && data.length <= GATHER_MAX_WRITE) {
+      if (this.gathered.length === 0) gathering.push(this);
+      this.gathered.push(data);
+      this.gatheredBytes += data.length;
+      if (this.gatheredBytes >= GATHER_BATCH) this.sendGathered(false);
+      return this.queued + this.gatheredBytes < HIGH_WATER;
+    }
+    if (this.gathered.length > 0) this.sendGathered(false); // what was gathered goes first
     if (this.q.length > 0) {
       this.q.push(data);
       this.queued += data.length;
@@ -89,6 +132,24 @@ export class WriteQueue {
       }
     }
     return this.queued < HIGH_WATER;
+  }
+  /** Send the gathered writes as one; with `notify`, call `onDrained` if nothing is left queued. */
+  sendGathered(notify: boolean): void {
+    const parts = this.gathered;
+    if (parts.length === 0) return;
+    let data = parts[0]!;
+    if (parts.length > 1) {
+      data = new Uint8Array(this.gatheredBytes);
+      let off = 0;
+      for (const p of parts) {
+        data.set(p, off);
+        off += p.length;
+      }
+    }
+    this.gathered = [];
+    this.gatheredBytes = 0;
+    this.write(data);
+    if (notify && this.q.length === 0) this.onDrained?.();
   }
   /** On `drain`: write what is queued; returns true when the queue is empty. */
   flush(): boolean {
@@ -106,7 +167,7 @@ export class WriteQueue {
     return true;
   }
   get empty(): boolean {
-    return this.q.length === 0;
+    return this.q.length === 0 && this.gathered.length === 0;
   }
 }
 
@@ -146,7 +207,7 @@ export class Session {
     this.socket = socket;
     this.o = o;
     this.app = app;
-    this.out = new WriteQueue(socket);
+    this.out = new WriteQueue(socket, () => this.onSocketDrain());
     this.peer = describePeer(socket);
     try {
       socket.setNoDelay(true);
@@ -512,6 +573,7 @@ export class Session {
     clearTimeout(this.hsTimer);
     clearInterval(this.kaTimer);
     this.hsBuf = new Uint8Array(0);
+    this.out.sendGathered(false); // a refusal or CLOSE gathered in this very call goes out before the end
     try {
       if (err) this.socket.end();
       else this.socket.end();
@@ -531,7 +593,8 @@ export function describePeer(socket: Socket<any>): string {
 /** Socket handlers that route every event to the Session stored in `socket.data`. */
 export const sessionHandler: SocketHandler<{ session?: Session }> = {
   data(socket, chunk) {
-    socket.data.session?.onSocketData(chunk);
+    const s = socket.data.session;
+    if (s) corked(() => s.onSocketData(chunk)); // records opened from one read: one write each way
   },
   drain(socket) {
     socket.data.session?.onSocketDrain();
