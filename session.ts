@@ -119,6 +119,10 @@ export class WriteQueue {
       return this.queued + this.gatheredBytes < HIGH_WATER;
     }
     if (this.gathered.length > 0) this.sendGathered(false); // what was gathered goes first
+    this.writeNow(data);
+    return this.queued < HIGH_WATER;
+  }
+  private writeNow(data: Uint8Array): void {
     if (this.q.length > 0) {
       this.q.push(data);
       this.queued += data.length;
@@ -131,7 +135,6 @@ export class WriteQueue {
         this.queued += rest.length;
       }
     }
-    return this.queued < HIGH_WATER;
   }
   /** Send the gathered writes as one; with `notify`, call `onDrained` if nothing is left queued. */
   sendGathered(notify: boolean): void {
@@ -148,7 +151,7 @@ export class WriteQueue {
     }
     this.gathered = [];
     this.gatheredBytes = 0;
-    this.write(data);
+    this.writeNow(data); // not write(): inside corked() that would gather it again, behind later writes
     if (notify && this.q.length === 0) this.onDrained?.();
   }
   /** On `drain`: write what is queued; returns true when the queue is empty. */
