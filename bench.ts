@@ -1,0 +1,827 @@
+#!/usr/bin/env bun
+/**
+ * `bun run bench`: one benchmark run on 127.0.0.1, printed as a table and written to bench-results.json.
+ *
+ *   bun run bench                   512 MiB per throughput figure (BENCH_MIB or --mib N to change)
+ *   bun run bench --quick           64 MiB and shorter timed loops
+ *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers
+ *
+ * Sections (issue #6):
+ *   1. ceiling    noble (and native) seal = AES-256-CBC encrypt + HMAC-SHA256 chain, open = HMAC + decrypt, on frames
+ *                 of MAX_PAYLOAD bytes: the primitives alone, called the cheapest way each library allows.
+ *   2. tunnel     N MiB: source → `connect --local` → `serve --forward` → sink, noble and native.
+ *   3. spiped     the same through `spiped -e` → `spiped -d` (absent when spiped is not installed).
+ *   4. raw        source → sink directly: the harness's own ceiling.
+ *   5. handshake  connections per second, one at a time and 8 at once, each a full open → 1-byte echo → close
+ *                 through the pair (so spiped and ours pay the same TCP costs), and CPU ms per connection per side
+ *                 from /proc/PID/stat (utime + stime).
+ *   6. memory     RSS growth per idle session with 1000 sessions open; RSS while the sink never reads.
+ *   7. latency    median round trip of a 1-byte ping-pong through the tunnel vs direct.
+ *   8. workers    aggregate throughput of several tunnels into `serve --workers N`, N = 1 and 2.
+ *
+ * Absolute figures move with the machine's load; the ratios (ours/spiped, ours/ceiling) are measured in the same run.
+ * Every loop is bounded by a count and a deadline; every child is killed on the way out; everything binds 127.0.0.1.
+ */
+import { cbc } from '@noble/ciphers/aes.js';
+import { hmac } from '@noble/hashes/hmac.js';
+import { sha256 } from '@noble/hashes/sha2.js';
+import type { Socket, Subprocess, TCPSocketListener } from 'bun';
+import * as nodeCrypto from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { BLOCK, HEADER_LEN, LEN_LEN, MAX_PAYLOAD, TYPE_LEN } from './channel.ts';
+import { MAC_LEN } from './engine.ts';
+
+// ---- command line ----
+
+const SECTIONS = ['ceiling', 'tunnel', 'spiped', 'raw', 'handshake', 'memory', 'latency', 'workers'] as const;
+type Section = (typeof SECTIONS)[number];
+
+const { values: argv } = parseArgs({
+  args: Bun.argv.slice(2),
+  options: {
+    quick: { type: 'boolean' },
+    mib: { type: 'string' },
+    only: { type: 'string' },
+    json: { type: 'string' },
+    help: { type: 'boolean', short: 'h' },
+  },
+  strict: true,
+});
+if (argv.help) {
+  process.stdout.write(readFileSync(import.meta.path, 'utf8').split('*/')[0]!.replace(/^#!.*\n\/\*\*\n/, '').replace(/^ \* ?/gm, ''));
+  process.exit(0);
+}
+const QUICK = argv.quick === true;
+const MIB = Number(argv.mib ?? process.env.BENCH_MIB ?? (QUICK ? 64 : 512));
+if (!Number.isInteger(MIB) || MIB < 1 || MIB > 65536) throw new Error(`--mib: expected a whole number of MiB, got ${argv.mib}`);
+const ONLY = new Set<string>(argv.only ? argv.only.split(',') : SECTIONS);
+for (const s of ONLY) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`--only: unknown section "${s}" (${SECTIONS.join(' ')})`);
+const JSON_PATH = argv.json ?? join(import.meta.dir, 'bench-results.json');
+
+const ROOT = import.meta.dir;
+const VPN = join(ROOT, 'vpn.ts');
+const HOST = '127.0.0.1';
+const MiB = 1 << 20;
+/** timed loops run this long (handshakes, ceiling) */
+const TIMED_MS = QUICK ? 1000 : 2500;
+const SPIPED = Bun.which('spiped');
+
+// ---- results ----
+
+type Row = { section: string; name: string; value: number | null; unit: string; note?: string };
+const rows: Row[] = [];
+const extra: Record<string, unknown> = {};
+function record(section: string, name: string, value: number | null, unit: string, note?: string): void {
+  rows.push({ section, name, value, unit, note });
+  const v = value === null ? 'absent' : fmt(value);
+  process.stderr.write(`  ${section.padEnd(9)} ${name.padEnd(48)} ${v.padStart(10)} ${unit}${note ? `  (${note})` : ''}\n`);
+}
+function get(section: string, name: string): number | null {
+  return rows.find((r) => r.section === section && r.name === name)?.value ?? null;
+}
+function fmt(v: number): string {
+  if (Math.abs(v) >= 100) return v.toFixed(0);
+  if (Math.abs(v) >= 10) return v.toFixed(1);
+  return v.toFixed(2);
+}
+
+// ---- processes ----
+
+const children = new Set<Subprocess>();
+const tmp = mkdtempSync(join(tmpdir(), 'vpn-bench-'));
+
+function cleanup(): void {
+  for (const c of children) {
+    try {
+      c.kill('SIGKILL');
+    } catch {
+      // gone already
+    }
+  }
+  children.clear();
+  rmSync(tmp, { recursive: true, force: true });
+}
+process.on('exit', cleanup);
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(sig, () => {
+    cleanup();
+    process.exit(130);
+  });
+}
+
+/** A child process whose stderr is kept, with a bounded wait for a line. */
+class Child {
+  readonly proc: Subprocess<'ignore', 'ignore', 'pipe'>;
+  readonly name: string;
+  stderr = '';
+  constructor(cmd: string[], name: string) {
+    this.name = name;
+    const proc = Bun.spawn(cmd, { stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', cwd: ROOT, env: { ...process.env } });
+    this.proc = proc;
+    children.add(proc);
+    void (async () => {
+      const dec = new TextDecoder();
+      for await (const c of proc.stderr) {
+        this.stderr += dec.decode(c, { stream: true });
+        if (this.stderr.length > 1 << 20) this.stderr = this.stderr.slice(-65536);
+      }
+    })();
+  }
+  get pid(): number {
+    return this.proc.pid;
+  }
+  async waitFor(re: RegExp, ms = 20000): Promise<RegExpMatchArray> {
+    const end = Date.now() + ms;
+    while (Date.now() < end) {
+      const m = this.stderr.match(re);
+      if (m) return m;
+      if (this.proc.exitCode !== null) break;
+      await Bun.sleep(10);
+    }
+    throw new Error(`${this.name}: no ${re} within ${ms} ms (exit ${this.proc.exitCode}); stderr:\n${this.stderr.slice(-2000)}`);
+  }
+  async port(): Promise<number> {
+    return Number((await this.waitFor(/^listening on .*:(\d+)$/m))[1]);
+  }
+  /** SIGTERM, then SIGKILL after `ms`. */
+  async stop(ms = 3000): Promise<void> {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) {
+      try {
+        this.proc.kill('SIGTERM');
+      } catch {
+        // gone
+      }
+      const t = setTimeout(() => this.proc.kill('SIGKILL'), ms);
+      await this.proc.exited;
+      clearTimeout(t);
+    }
+    children.delete(this.proc);
+  }
+}
+
+/** BENCH_BUN_FLAGS="--cpu-prof-md --cpu-prof-dir=/tmp/prof" profiles every vpn process of the run. */
+const BUN_FLAGS = (process.env.BENCH_BUN_FLAGS ?? '').split(' ').filter(Boolean);
+
+function vpn(args: string[], name: string): Child {
+  return new Child(['bun', ...BUN_FLAGS, VPN, ...args], name);
+}
+
+/** CPU time (user + system) of a process so far, in ms, from /proc/PID/stat. */
+function cpuMs(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return ((Number(f[11]) + Number(f[12])) * 1000) / CLK_TCK;
+}
+const CLK_TCK = (() => {
+  try {
+    const r = Bun.spawnSync(['getconf', 'CLK_TCK']);
+    const n = Number(r.stdout.toString().trim());
+    return n > 0 ? n : 100;
+  } catch {
+    return 100;
+  }
+})();
+/** CPU ms of this process and its threads (the bench's own source/sink). */
+function selfCpuMs(): number {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1000;
+}
+
+/** VmRSS in KiB. */
+function rssKiB(pid: number): number {
+  const s = readFileSync(`/proc/${pid}/status`, 'utf8');
+  return Number(/VmRSS:\s+(\d+)/.exec(s)?.[1] ?? 0);
+}
+
+async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let t: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    t = setTimeout(() => reject(new Error(`${what}: timed out after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([p, timeout]);
+  } finally {
+    clearTimeout(t);
+  }
+}
+
+/** A port that was free a moment ago (spiped needs a fixed port). */
+function freePort(): number {
+  const l = Bun.listen({ hostname: HOST, port: 0, socket: { data() {} } });
+  const p = l.port;
+  l.stop(true);
+  return p;
+}
+
+/** Resolve once something accepts TCP connections on `port`. */
+async function waitListening(port: number, ms = 10000): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    try {
+      const s = await Bun.connect({ hostname: HOST, port, socket: { data() {} } });
+      s.end();
+      return;
+    } catch {
+      await Bun.sleep(20);
+    }
+  }
+  throw new Error(`nothing listens on ${HOST}:${port} after ${ms} ms`);
+}
+
+// ---- source, sink, echo ----
+
+const PATTERN = new Uint8Array(nodeCrypto.randomBytes(4 * MiB));
+
+/** Where bytes go: counts them, or echoes them, or never reads them. */
+class Target {
+  readonly listener: TCPSocketListener<{ n: number }>;
+  received = 0;
+  accepted = 0;
+  open = 0;
+  private waiters: { bytes: number; resolve: () => void }[] = [];
+  constructor(readonly mode: 'count' | 'echo' | 'stall') {
+    const self = this;
+    this.listener = Bun.listen<{ n: number }>({
+      hostname: HOST,
+      port: 0,
+      allowHalfOpen: mode === 'echo',
+      data: { n: 0 },
+      socket: {
+        open(s) {
+          s.data = { n: 0 };
+          self.accepted++;
+          self.open++;
+          if (mode === 'stall') s.pause();
+        },
+        data(s, chunk) {
+          self.received += chunk.length;
+          if (mode === 'echo') s.write(chunk); // 1-byte pings: never short
+          else self.check();
+        },
+        end(s) {
+          if (mode === 'echo') s.end();
+        },
+        close() {
+          self.open--;
+        },
+        error() {},
+      },
+    });
+  }
+  get port(): number {
+    return this.listener.port;
+  }
+  private check(): void {
+    if (this.waiters.length === 0) return;
+    this.waiters = this.waiters.filter((w) => {
+      if (this.received >= w.bytes) w.resolve();
+      return this.received < w.bytes;
+    });
+  }
+  /** Resolves once `bytes` in total have arrived. */
+  until(bytes: number): Promise<void> {
+    if (this.received >= bytes) return Promise.resolve();
+    const { promise, resolve } = Promise.withResolvers<void>();
+    this.waiters.push({ bytes, resolve });
+    return promise;
+  }
+  stop(): void {
+    this.listener.stop(true);
+  }
+}
+
+/** Connect to `port` and send `bytes` as fast as the socket takes them, then FIN. Resolves when all are handed over. */
+function source(port: number, bytes: number): { done: Promise<void>; socket: Promise<Socket<unknown>> } {
+  const done = Promise.withResolvers<void>();
+  let sent = 0;
+  const pump = (s: Socket<unknown>) => {
+    while (sent < bytes) {
+      const off = sent % PATTERN.length;
+      const n = Math.min(PATTERN.length - off, bytes - sent);
+      const w = s.write(PATTERN.subarray(off, off + n));
+      if (w < 0) return done.reject(new Error('source: socket closed'));
+      sent += w;
+      if (w < n) return; // wait for drain
+    }
+    s.end();
+    done.resolve();
+  };
+  const socket = Bun.connect({
+    hostname: HOST,
+    port,
+    allowHalfOpen: true,
+    socket: {
+      open: pump,
+      drain: pump,
+      data() {},
+      close() {
+        if (sent < bytes) done.reject(new Error(`source: closed after ${sent} of ${bytes} bytes`));
+      },
+      error(_s, e) {
+        done.reject(e);
+      },
+    },
+  });
+  socket.catch((e) => done.reject(e));
+  return { done: done.promise, socket: socket as Promise<Socket<unknown>> };
+}
+
+/** Send `bytes` into `entryPort`, wait for all of them at `sink`; MiB/s and CPU of `pids` over that time. */
+async function transfer(entryPort: number, sink: Target, bytes: number, pids: number[]) {
+  const before = sink.received;
+  const cpu0 = pids.map(cpuMs);
+  const self0 = selfCpuMs();
+  const t0 = performance.now();
+  const src = source(entryPort, bytes);
+  await withTimeout(Promise.all([src.done, sink.until(before + bytes)]), 60000 + bytes / 200, 'transfer');
+  const secs = (performance.now() - t0) / 1000;
+  const cpu = pids.map((p, i) => (cpuMs(p) - cpu0[i]!) / 10 / secs); // % of one core
+  return { mibps: bytes / MiB / secs, secs, cpu, selfCpu: (selfCpuMs() - self0) / 10 / secs };
+}
+
+// ---- key material ----
+
+const KEY_PATH = join(tmp, 'key');
+writeFileSync(KEY_PATH, Buffer.from(nodeCrypto.randomBytes(32)).toString('hex') + '\n', { mode: 0o600 });
+const SPIPED_KEY = join(tmp, 'spiped.key');
+writeFileSync(SPIPED_KEY, nodeCrypto.randomBytes(32), { mode: 0o600 });
+
+type EngineName = 'noble' | 'native';
+
+interface Pair {
+  entry: number;
+  pids: number[];
+  stop(): Promise<void>;
+}
+
+/** `serve --forward` + `connect --local` in front of `target`. */
+async function vpnPair(target: number, engine: EngineName, opts: { serverArgs?: string[]; clientArgs?: string[]; clientEngine?: EngineName } = {}): Promise<Pair> {
+  const server = vpn(['serve', '--listen', `${HOST}:0`, '--forward', `${HOST}:${target}`, '--key', KEY_PATH, '--engine', engine, '--quiet', ...(opts.serverArgs ?? [])], 'server');
+  const sport = await server.port();
+  const client = vpn(['connect', `${HOST}:${sport}`, '--local', `${HOST}:0`, '--key', KEY_PATH, '--engine', opts.clientEngine ?? engine, '--quiet', ...(opts.clientArgs ?? [])], 'client');
+  const entry = await client.port();
+  return {
+    entry,
+    pids: [client.pid, server.pid],
+    stop: async () => {
+      await Promise.all([client.stop(), server.stop()]);
+    },
+  };
+}
+
+/** `spiped -e` + `spiped -d` in front of `target`. */
+async function spipedPair(target: number, opts: { fast?: boolean } = {}): Promise<Pair> {
+  const dport = freePort();
+  const eport = freePort();
+  const common = ['-k', SPIPED_KEY, '-F', '-n', '0', ...(opts.fast ? ['-f'] : [])];
+  const d = new Child([SPIPED!, '-d', '-s', `[${HOST}]:${dport}`, '-t', `[${HOST}]:${target}`, ...common], 'spiped -d');
+  const e = new Child([SPIPED!, '-e', '-s', `[${HOST}]:${eport}`, '-t', `[${HOST}]:${dport}`, ...common], 'spiped -e');
+  await waitListening(dport);
+  await waitListening(eport);
+  return {
+    entry: eport,
+    pids: [e.pid, d.pid],
+    stop: async () => {
+      await Promise.all([e.stop(), d.stop()]);
+    },
+  };
+}
+
+// ---- 1. crypto ceiling ----
+
+/** Run `fn` repeatedly for about `ms` (after a short warm-up); calls per second. */
+function timed(fn: () => void, ms: number): number {
+  const warm = performance.now();
+  while (performance.now() - warm < Math.min(300, ms / 4)) fn();
+  let n = 0;
+  const t0 = performance.now();
+  let t = t0;
+  while (t - t0 < ms) {
+    for (let i = 0; i < 4; i++) fn();
+    n += 4;
+    t = performance.now();
+  }
+  return n / ((t - t0) / 1000);
+}
+
+function ceiling(): void {
+  const s = 'ceiling';
+  const enc = nodeCrypto.randomBytes(32);
+  const mk = nodeCrypto.randomBytes(32);
+  const iv = new Uint8Array(nodeCrypto.randomBytes(16));
+  const chain = new Uint8Array(32);
+  const ptLen = TYPE_LEN + MAX_PAYLOAD;
+  const ctLen = (Math.floor(ptLen / BLOCK) + 1) * BLOCK;
+  // The frame layout of channel.ts: L ‖ IV ‖ ciphertext ‖ MAC. The plaintext is encrypted from an aligned buffer
+  // into the frame (noble accepts an output buffer); the MAC covers chain ‖ L ‖ IV ‖ ciphertext.
+  const frame = new Uint8Array(HEADER_LEN + ctLen + MAC_LEN);
+  const ct = frame.subarray(HEADER_LEN, HEADER_LEN + ctLen);
+  const macInput = frame.subarray(0, HEADER_LEN + ctLen);
+  const pt = new Uint8Array(nodeCrypto.randomBytes(ptLen));
+  const out = new Uint8Array(ctLen);
+  const keyed = hmac.create(sha256, mk);
+  const mib = MAX_PAYLOAD / MiB;
+  const nobleMac = () => {
+    const h = keyed.clone();
+    h.update(chain);
+    h.update(macInput);
+    return h.digest();
+  };
+  const aesEnc = timed(() => cbc(enc, iv).encrypt(pt, ct), TIMED_MS / 2) * mib;
+  const aesDec = timed(() => cbc(enc, iv).decrypt(ct, out), TIMED_MS / 2) * mib;
+  const mac = timed(nobleMac, TIMED_MS / 2) * mib;
+  const seal = timed(() => {
+    cbc(enc, iv).encrypt(pt, ct);
+    nobleMac();
+  }, TIMED_MS) * mib;
+  const open = timed(() => {
+    nobleMac();
+    cbc(enc, iv).decrypt(ct, out);
+  }, TIMED_MS) * mib;
+  record(s, 'noble AES-256-CBC encrypt', aesEnc, 'MiB/s', `${MAX_PAYLOAD}-byte payload`);
+  record(s, 'noble AES-256-CBC decrypt', aesDec, 'MiB/s');
+  record(s, 'noble HMAC-SHA256', mac, 'MiB/s');
+  record(s, 'noble seal (encrypt + MAC)', seal, 'MiB/s');
+  record(s, 'noble open (MAC + decrypt)', open, 'MiB/s');
+  const nk = Buffer.from(mk);
+  const nativeMac = () => nodeCrypto.createHmac('sha256', nk).update(chain).update(macInput).digest();
+  const nseal = timed(() => {
+    const c = nodeCrypto.createCipheriv('aes-256-cbc', enc, iv);
+    c.update(pt);
+    c.final();
+    nativeMac();
+  }, TIMED_MS / 2) * mib;
+  const nopen = timed(() => {
+    nativeMac();
+    const d = nodeCrypto.createDecipheriv('aes-256-cbc', enc, iv);
+    d.update(ct);
+    d.final();
+  }, TIMED_MS / 2) * mib;
+  record(s, 'native seal (encrypt + MAC)', nseal, 'MiB/s');
+  record(s, 'native open (MAC + decrypt)', nopen, 'MiB/s');
+}
+
+// ---- 2–4. throughput ----
+
+async function throughputOf(label: string, makePair: ((target: number) => Promise<Pair>) | null, bytes: number): Promise<void> {
+  const sink = new Target('count');
+  let pair: Pair | null = null;
+  try {
+    pair = makePair ? await makePair(sink.port) : null;
+    const entry = pair ? pair.entry : sink.port;
+    // A short warm-up so that JIT compilation and the first handshake are not timed.
+    await transfer(entry, sink, Math.min(bytes, 8 * MiB), []);
+    const r = await transfer(entry, sink, bytes, pair?.pids ?? []);
+    const cpu = pair ? `client ${r.cpu[0]!.toFixed(0)}% / server ${r.cpu[1]!.toFixed(0)}% / harness ${r.selfCpu.toFixed(0)}% of a core` : `harness ${r.selfCpu.toFixed(0)}% of a core`;
+    record(label.split(' ')[0]!, label, r.mibps, 'MiB/s', `${bytes / MiB} MiB in ${r.secs.toFixed(1)} s; ${cpu}`);
+  } finally {
+    await pair?.stop();
+    sink.stop();
+  }
+}
+
+// ---- 5. handshakes ----
+
+const ONE = new Uint8Array([0x2a]);
+
+/** Open a connection to `port`, send one byte, wait for it to come back, close. */
+function echoOnce(port: number): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let got = false;
+    Bun.connect({
+      hostname: HOST,
+      port,
+      socket: {
+        open(s) {
+          s.write(ONE);
+        },
+        data(s) {
+          if (got) return;
+          got = true;
+          s.end();
+          resolve();
+        },
+        close() {
+          if (!got) reject(new Error('closed before the echo'));
+        },
+        error(_s, e) {
+          reject(e);
+        },
+      },
+    }).catch(reject);
+  });
+}
+
+/** `parallel` loops of echoOnce for about `ms`; connections per second and CPU ms per connection of each pid. */
+async function connectRate(entry: number, target: Target, parallel: number, ms: number, pids: number[]) {
+  await echoOnce(entry); // warm-up
+  await until(() => target.open === 0, 3000);
+  const cpu0 = pids.map(cpuMs);
+  const t0 = performance.now();
+  const deadline = t0 + ms;
+  let done = 0;
+  const loop = async () => {
+    for (let i = 0; i < 100_000 && performance.now() < deadline; i++) {
+      await withTimeout(echoOnce(entry), 10000, 'handshake');
+      done++;
+    }
+  };
+  await Promise.all(Array.from({ length: parallel }, loop));
+  const secs = (performance.now() - t0) / 1000;
+  // Count the teardown of the last connections too: wait (bounded) until the target saw them all close.
+  await until(() => target.open === 0, 3000);
+  const cpu = pids.map((p, i) => (cpuMs(p) - cpu0[i]!) / done);
+  return { perSec: done / secs, done, cpu };
+}
+
+async function until(cond: () => boolean, ms: number): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (cond()) return true;
+    await Bun.sleep(20);
+  }
+  return cond();
+}
+
+async function handshakes(): Promise<void> {
+  type Case = { label: string; make: (t: number) => Promise<Pair> };
+  const cases: Case[] = [];
+  for (const engine of ['noble', 'native'] as const) {
+    cases.push({ label: `${engine} forward secret`, make: (t) => vpnPair(t, engine) });
+    cases.push({ label: `${engine} --no-pfs`, make: (t) => vpnPair(t, engine, { clientArgs: ['--no-pfs'] }) });
+  }
+  if (SPIPED) {
+    cases.push({ label: 'spiped forward secret', make: (t) => spipedPair(t) });
+    cases.push({ label: 'spiped -f (no PFS)', make: (t) => spipedPair(t, { fast: true }) });
+  }
+  for (const c of cases) {
+    const target = new Target('echo');
+    let pair: Pair | null = null;
+    try {
+      pair = await c.make(target.port);
+      for (const parallel of [1, 8]) {
+        const r = await connectRate(pair.entry, target, parallel, TIMED_MS, pair.pids);
+        const how = parallel === 1 ? 'sequential' : `${parallel} parallel`;
+        record('handshake', `${c.label}, ${how}`, r.perSec, 'conn/s', `${r.done} connections; CPU per connection: client ${r.cpu[0]!.toFixed(2)} ms, server ${r.cpu[1]!.toFixed(2)} ms`);
+        extra[`handshake ${c.label}, ${how}`] = { clientCpuMs: r.cpu[0], serverCpuMs: r.cpu[1] };
+      }
+    } finally {
+      await pair?.stop();
+      target.stop();
+    }
+  }
+  if (!SPIPED) record('handshake', 'spiped', null, 'conn/s', 'spiped not installed');
+}
+
+// ---- 6. memory ----
+
+/** Open `n` connections to `port` (50 at a time); the sockets stay open until `closeAll`. */
+async function openMany(port: number, n: number): Promise<Socket<unknown>[]> {
+  const socks: Socket<unknown>[] = [];
+  for (let i = 0; i < n; i += 50) {
+    const batch = await Promise.all(
+      Array.from({ length: Math.min(50, n - i) }, () => Bun.connect({ hostname: HOST, port, socket: { data() {}, error() {} } })),
+    );
+    socks.push(...batch);
+  }
+  return socks;
+}
+
+async function settledRss(pid: number, ms: number): Promise<number> {
+  // Sample for a while and keep the lowest: garbage from the handshakes is collected some time after the fact.
+  let low = rssKiB(pid);
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    await Bun.sleep(250);
+    low = Math.min(low, rssKiB(pid));
+  }
+  return low;
+}
+
+async function memory(): Promise<void> {
+  const N = 1000;
+  const WARM = 50;
+  const target = new Target('count');
+  let pair: Pair | null = null;
+  let socks: Socket<unknown>[] = [];
+  try {
+    pair = await vpnPair(target.port, 'noble', { serverArgs: ['--max-conns', String(N + WARM + 100)], clientArgs: ['--max-conns', String(N + WARM + 100)] });
+    const [cpid, spid] = pair.pids as [number, number];
+    // Warm-up: the first sessions bring in code and pools that every later session shares.
+    const warm = await openMany(pair.entry, WARM);
+    if (!(await until(() => target.accepted >= WARM, 30000))) throw new Error('memory: warm-up sessions did not open');
+    for (const w of warm) w.end();
+    await until(() => target.open === 0, 10000);
+    const base = { client: await settledRss(cpid, 2000), server: await settledRss(spid, 2000) };
+    const t0 = performance.now();
+    socks = await openMany(pair.entry, N);
+    const opened = await until(() => target.open >= N, 120000);
+    const openSecs = (performance.now() - t0) / 1000;
+    if (!opened) throw new Error(`memory: only ${target.open} of ${N} sessions opened`);
+    const full = { client: await settledRss(cpid, 3000), server: await settledRss(spid, 3000) };
+    const per = (k: 'client' | 'server') => (full[k] - base[k]) / N;
+    record('memory', `RSS growth per idle session, server`, per('server'), 'KiB', `${N} sessions: ${(base.server / 1024).toFixed(0)} → ${(full.server / 1024).toFixed(0)} MiB; opened in ${openSecs.toFixed(1)} s`);
+    record('memory', `RSS growth per idle session, client`, per('client'), 'KiB', `${(base.client / 1024).toFixed(0)} → ${(full.client / 1024).toFixed(0)} MiB`);
+  } finally {
+    for (const s of socks) s.terminate();
+    await pair?.stop();
+    target.stop();
+  }
+  await stalledSink();
+}
+
+/** A sink that never reads: the tunnel must stop taking data, and both processes' RSS must stay flat. */
+async function stalledSink(): Promise<void> {
+  const target = new Target('stall');
+  let pair: Pair | null = null;
+  let sock: Socket<unknown> | null = null;
+  try {
+    pair = await vpnPair(target.port, 'noble');
+    const [cpid, spid] = pair.pids as [number, number];
+    await echoOnceInto(pair.entry, target); // one session first, so that the base includes the code paths
+    const base = { client: rssKiB(cpid), server: rssKiB(spid) };
+    let sent = 0;
+    let blocked = false;
+    sock = await Bun.connect({
+      hostname: HOST,
+      port: pair.entry,
+      socket: {
+        open(s) {
+          pump(s);
+        },
+        drain(s) {
+          pump(s);
+        },
+        data() {},
+        error() {},
+      },
+    });
+    function pump(s: Socket<unknown>) {
+      blocked = false;
+      for (let i = 0; i < 64; i++) {
+        const off = sent % PATTERN.length;
+        const w = s.write(PATTERN.subarray(off, Math.min(off + MiB, PATTERN.length)));
+        if (w <= 0) break;
+        sent += w;
+        if (w < MiB) break;
+      }
+      blocked = true;
+    }
+    let peak = { client: 0, server: 0 };
+    const samples: [number, number, number][] = [];
+    const t0 = performance.now();
+    const ms = QUICK ? 3000 : 6000;
+    while (performance.now() - t0 < ms) {
+      await Bun.sleep(250);
+      const c = rssKiB(cpid);
+      const sv = rssKiB(spid);
+      peak = { client: Math.max(peak.client, c), server: Math.max(peak.server, sv) };
+      samples.push([Math.round(performance.now() - t0), c, sv]);
+    }
+    const last = samples.at(-1)!;
+    const mid = samples[Math.floor(samples.length / 2)]!;
+    record('memory', 'sink never reads: bytes the tunnel took in', sent / MiB, 'MiB', `source ${blocked ? 'blocked' : 'still writing'} after ${(ms / 1000).toFixed(0)} s`);
+    record('memory', 'sink never reads: RSS growth, server', (peak.server - base.server) / 1024, 'MiB', `peak ${(peak.server / 1024).toFixed(0)} MiB; ${(mid[2] / 1024).toFixed(0)} MiB at ${(mid[0] / 1000).toFixed(1)} s, ${(last[2] / 1024).toFixed(0)} MiB at ${(last[0] / 1000).toFixed(1)} s`);
+    record('memory', 'sink never reads: RSS growth, client', (peak.client - base.client) / 1024, 'MiB', `peak ${(peak.client / 1024).toFixed(0)} MiB; ${(mid[1] / 1024).toFixed(0)} MiB at ${(mid[0] / 1000).toFixed(1)} s, ${(last[1] / 1024).toFixed(0)} MiB at ${(last[0] / 1000).toFixed(1)} s`);
+    extra['stalled sink samples [ms, client KiB, server KiB]'] = samples;
+  } finally {
+    sock?.terminate();
+    await pair?.stop();
+    target.stop();
+  }
+}
+
+/** One short session through `entry` that ends before returning (the target holds it until it closes). */
+async function echoOnceInto(entry: number, target: Target): Promise<void> {
+  const before = target.accepted;
+  const s = await Bun.connect({ hostname: HOST, port: entry, socket: { data() {}, error() {} } });
+  s.write(ONE);
+  await until(() => target.accepted > before, 10000);
+  s.end();
+  await until(() => target.open === 0, 5000);
+}
+
+// ---- 7. latency ----
+
+/** Median and 99th percentile round trip (µs) of a 1-byte ping-pong over one connection to `port`. */
+async function pingPong(port: number, count: number): Promise<{ median: number; p99: number }> {
+  const rtts: number[] = [];
+  let waiting: (() => void) | null = null;
+  const s = await Bun.connect({
+    hostname: HOST,
+    port,
+    socket: {
+      data() {
+        waiting?.();
+      },
+      error() {},
+    },
+  });
+  try {
+    s.setNoDelay(true);
+    const deadline = performance.now() + 20000;
+    for (let i = 0; i < count + 50 && performance.now() < deadline; i++) {
+      const { promise, resolve } = Promise.withResolvers<void>();
+      waiting = resolve;
+      const t0 = performance.now();
+      s.write(ONE);
+      await withTimeout(promise, 5000, 'ping');
+      if (i >= 50) rtts.push((performance.now() - t0) * 1000); // the first 50 warm up
+    }
+  } finally {
+    s.end();
+  }
+  rtts.sort((a, b) => a - b);
+  return { median: rtts[Math.floor(rtts.length / 2)]!, p99: rtts[Math.floor(rtts.length * 0.99)]! };
+}
+
+async function latency(): Promise<void> {
+  const count = QUICK ? 500 : 2000;
+  const target = new Target('echo');
+  try {
+    const direct = await pingPong(target.port, count);
+    record('latency', 'direct round trip, median', direct.median, 'µs', `p99 ${direct.p99.toFixed(0)} µs`);
+    const makers: [string, ((t: number) => Promise<Pair>) | null][] = [
+      ['tunnel noble', (t) => vpnPair(t, 'noble')],
+      ['tunnel native', (t) => vpnPair(t, 'native')],
+      ['spiped pair', SPIPED ? (t) => spipedPair(t) : null],
+    ];
+    for (const [label, make] of makers) {
+      if (!make) {
+        record('latency', `${label}: added round trip, median`, null, 'µs', 'spiped not installed');
+        continue;
+      }
+      const pair = await make(target.port);
+      try {
+        const r = await pingPong(pair.entry, count);
+        record('latency', `${label}: added round trip, median`, r.median - direct.median, 'µs', `round trip ${r.median.toFixed(0)} µs, p99 ${r.p99.toFixed(0)} µs`);
+      } finally {
+        await pair.stop();
+      }
+    }
+  } finally {
+    target.stop();
+  }
+}
+
+// ---- 8. workers ----
+
+/** `tunnels` concurrent transfers of `bytes / tunnels` each through `entry`; aggregate MiB/s. */
+async function concurrent(entry: number, sink: Target, bytes: number, tunnels: number): Promise<number> {
+  const each = Math.floor(bytes / tunnels);
+  const before = sink.received;
+  const t0 = performance.now();
+  const sources = Array.from({ length: tunnels }, () => source(entry, each).done);
+  await withTimeout(Promise.all([...sources, sink.until(before + each * tunnels)]), 120000 + bytes / 100, 'concurrent transfer');
+  return (each * tunnels) / MiB / ((performance.now() - t0) / 1000);
+}
+
+async function workers(bytes: number): Promise<void> {
+  const TUNNELS = 8;
+  for (const n of [1, 2]) {
+    const sink = new Target('count');
+    let pair: Pair | null = null;
+    try {
+      // A noble server fed by a native client: the server's decryption is the bottleneck that workers spread.
+      pair = await vpnPair(sink.port, 'noble', { clientEngine: 'native', serverArgs: n > 1 ? ['--workers', String(n)] : [] });
+      await concurrent(pair.entry, sink, Math.min(bytes, 8 * MiB), TUNNELS); // warm-up
+      const r = await concurrent(pair.entry, sink, bytes, TUNNELS);
+      record('workers', `serve --workers ${n}: ${TUNNELS} tunnels, aggregate`, r, 'MiB/s', `noble server, native client, ${bytes / MiB} MiB in all`);
+    } finally {
+      await pair?.stop();
+      sink.stop();
+    }
+  }
+}
+
+// ---- main ----
+
+const info = { date: new Date().toISOString(), cpus: cpus().length, cpu: cpus()[0]?.model, bun: Bun.version, mib: MIB, quick: QUICK, spiped: SPIPED ? (Bun.spawnSync([SPIPED, '-v']).stdout.toString().trim() || 'yes') : null };
+process.stderr.write(`vpn bench: ${info.cpus} cores (${info.cpu}), bun ${info.bun}, ${MIB} MiB per transfer, spiped ${info.spiped ?? 'absent'}\n`);
+
+const bytes = MIB * MiB;
+const run = (s: Section) => ONLY.has(s);
+try {
+  if (run('ceiling')) ceiling();
+  if (run('tunnel')) {
+    await throughputOf('tunnel noble', (t) => vpnPair(t, 'noble'), bytes);
+    await throughputOf('tunnel native', (t) => vpnPair(t, 'native'), bytes);
+  }
+  if (run('spiped')) {
+    if (SPIPED) await throughputOf('spiped pair', (t) => spipedPair(t), bytes);
+    else record('spiped', 'spiped pair', null, 'MiB/s', 'spiped not installed (apt-get install spiped)');
+  }
+  if (run('raw')) await throughputOf('raw loopback', null, bytes);
+  if (run('handshake')) await handshakes();
+  if (run('memory')) await memory();
+  if (run('latency')) await latency();
+  if (run('workers')) await workers(bytes);
+} finally {
+  cleanup();
+}
+
+writeFileSync(JSON_PATH, JSON.stringify({ info, rows, extra }, null, 2) + '\n');
+process.stderr.write(`wrote ${JSON_PATH}\n`);
