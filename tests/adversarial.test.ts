@@ -427,3 +427,97 @@ describe('junk at the server port', () => {
     await echoRoundTrip(lport);
   });
 });
+
+// ---------------------------------------------------------------------------------------------------------------
+/** `serve --forward` to `targetPort` and `connect --local` to it; both killed on dispose. */
+async function forwardRig(targetPort: number, serveArgs: string[] = []) {
+  const srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--forward', `127.0.0.1:${targetPort}`, '--key', key, ...serveArgs]);
+  const sport = await srv.listeningPort();
+  const cli = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--local', '127.0.0.1:0', '--key', key]);
+  const lport = await cli.listeningPort();
+  return {
+    srv,
+    cli,
+    sport,
+    lport,
+    [Symbol.dispose]() {
+      cli.kill('SIGKILL');
+      srv.kill('SIGKILL');
+    },
+  };
+}
+
+/** Poll the server's descriptor count until it is back at `baseline` (or below); returns the last count. */
+async function fdsBackTo(pid: number, baseline: number, ms = 8000): Promise<number> {
+  await until(() => openFds(pid) <= baseline, ms);
+  return openFds(pid);
+}
+
+describe('the server stays up and bounded', () => {
+  test('slowloris: 300 connections that send one byte and stall are all closed by the handshake timeout, a good client gets through meanwhile, and descriptors return to baseline', async () => {
+    using echo = echoTarget();
+    using rig = await forwardRig(echo.port, ['--handshake-timeout', '2', '--max-conns', '400']);
+    await echoRoundTrip(rig.lport); // warm-up: the first session allocates what every later one reuses
+    await Bun.sleep(300);
+    const baseline = openFds(rig.srv.pid);
+    const N = 300;
+    const clients: RawClient[] = [];
+    try {
+      for (let i = 0; i < N; i += 50) clients.push(...(await Promise.all(Array.from({ length: 50 }, () => RawClient.connect(rig.sport)))));
+      // A valid version byte, so the server cannot refuse it at once and has to wait for the rest of message 1.
+      for (const c of clients) c.write(new Uint8Array([0x02]));
+      expect(await until(() => openFds(rig.srv.pid) >= baseline + N * 0.9, 1500)).toBe(true); // the server holds them
+      await echoRoundTrip(rig.lport);
+      expect(clients.filter((c) => !c.isClosed).length).toBeGreaterThanOrEqual(N * 0.9); // ... it was meanwhile
+      const lifetimes = await Promise.all(clients.map((c) => c.closed(10000)));
+      for (const ms of lifetimes) {
+        expect(ms).toBeGreaterThanOrEqual(1500); // closed by the 2 s timer, not refused
+        expect(ms).toBeLessThan(2000 + 5000);
+      }
+      expect(clients.every((c) => c.received.length === 0)).toBe(true);
+      expect(await fdsBackTo(rig.srv.pid, baseline)).toBeLessThanOrEqual(baseline);
+      expect(rig.srv.stderr).toMatch(/handshake failed .*not completed within 2 s/);
+      expect(rig.srv.proc.exitCode).toBeNull();
+      await echoRoundTrip(rig.lport);
+    } finally {
+      for (const c of clients) c.destroy();
+    }
+  });
+
+  test('a flood of 100 connections against --max-conns 20 is refused cleanly, three times over; descriptors and memory return to baseline', async () => {
+    using echo = echoTarget();
+    using rig = await forwardRig(echo.port, ['--max-conns', '20', '--handshake-timeout', '10']);
+    for (let i = 0; i < 3; i++) await echoRoundTrip(rig.lport);
+    await Bun.sleep(500);
+    const baseFds = openFds(rig.srv.pid);
+    const baseRss = rssKiB(rig.srv.pid);
+    const ROUNDS = 3;
+    for (let round = 0; round < ROUNDS; round++) {
+      const clients: RawClient[] = [];
+      try {
+        for (let i = 0; i < 100; i += 25) {
+          clients.push(...(await Promise.all(Array.from({ length: 25 }, () => RawClient.connect(rig.sport, '127.0.0.1', { allowRefused: true })))));
+        }
+        // 20 are admitted (and wait for a handshake); the other 80 are closed at once.
+        expect(await until(() => clients.filter((c) => c.isClosed).length >= 80, 5000)).toBe(true);
+        await Bun.sleep(300);
+        expect(clients.filter((c) => c.isClosed)).toHaveLength(80);
+        expect(clients.every((c) => c.received.length === 0)).toBe(true);
+        await rig.srv.waitFor(new RegExp(`(connection limit reached.*[\\s\\S]*){${round + 1}}`), 3000);
+      } finally {
+        for (const c of clients) c.destroy();
+      }
+      expect(await fdsBackTo(rig.srv.pid, baseFds)).toBeLessThanOrEqual(baseFds);
+      await echoRoundTrip(rig.lport); // serving resumes once the flood is gone
+    }
+    // One warning per burst, not one per refused connection; the process never restarted.
+    expect(count(rig.srv.stderr, /^connection limit reached \(--max-conns 20\)/)).toBe(ROUNDS);
+    expect(rig.srv.proc.exitCode).toBeNull();
+    // Memory: 300 refused and 60 admitted connections later, VmRSS is within 16 MiB of where it started (the
+    // garbage collector decides when to give pages back, so the bound has to leave it some room).
+    await Bun.sleep(300);
+    const rss = rssKiB(rig.srv.pid);
+    console.log(`flood: server VmRSS ${baseRss} KiB before, ${rss} KiB after; descriptors ${baseFds} before, ${openFds(rig.srv.pid)} after`);
+    expect(rss).toBeLessThan(baseRss + 16 * 1024);
+  });
+});

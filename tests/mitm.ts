@@ -589,8 +589,23 @@ export class RawClient {
   private drained: (() => void) | null = null;
   socket!: Socket<undefined>;
 
-  static async connect(port: number, host = '127.0.0.1'): Promise<RawClient> {
+  /**
+   * Connect to host:port. With `allowRefused`, a connection the server resets before Bun reports it open comes back
+   * as an already closed client (with `error` set) instead of a rejection.
+   */
+  static async connect(port: number, host = '127.0.0.1', o: { allowRefused?: boolean } = {}): Promise<RawClient> {
     const c = new RawClient();
+    try {
+      await c.open(port, host);
+    } catch (e) {
+      if (!o.allowRefused) throw e;
+      c.onClose(e as Error);
+    }
+    return c;
+  }
+
+  private async open(port: number, host: string): Promise<void> {
+    const c = this;
     c.socket = await Bun.connect({
       hostname: host,
       port,
@@ -613,7 +628,6 @@ export class RawClient {
         error: (_s, err) => c.onClose(err),
       },
     });
-    return c;
   }
 
   private onClose(err?: Error): void {
@@ -625,7 +639,7 @@ export class RawClient {
 
   /** Write what the socket takes now (junk does not care about the rest). */
   write(b: Uint8Array): void {
-    this.socket.write(b);
+    if (!this.isClosed) this.socket.write(b);
   }
 
   /**
@@ -669,7 +683,7 @@ export class RawClient {
 
   destroy(): void {
     try {
-      this.socket.terminate();
+      this.socket?.terminate();
     } catch {
       // already closed
     }
@@ -741,13 +755,19 @@ export function isPrefix(out: Uint8Array, sent: Uint8Array, strict = false): boo
  * Write `data` into a process's stdin in 64 KiB pieces, then close it. Unlike `feedStdin` it stops quietly when
  * the process has gone away (a tampered session ends while its peer is still writing).
  */
-export async function feedQuietly(proc: Subprocess<any, any, any>, data: Uint8Array, chunk = 1 << 16): Promise<void> {
+export async function feedQuietly(
+  proc: Subprocess<any, any, any>,
+  data: Uint8Array,
+  o: { chunk?: number; onProgress?: (fed: number) => void } = {},
+): Promise<void> {
   const sink = proc.stdin as FileSink;
+  const chunk = o.chunk ?? 1 << 16;
   try {
     for (let off = 0; off < data.length; off += chunk) {
       if (proc.exitCode !== null || proc.signalCode !== null) return;
       sink.write(data.subarray(off, Math.min(off + chunk, data.length)));
       await sink.flush();
+      o.onProgress?.(Math.min(off + chunk, data.length));
     }
     await sink.end();
   } catch {
@@ -836,7 +856,7 @@ export class Proc {
 // ---- network namespaces ----
 
 function run(cmd: string[]): { ok: boolean; out: string } {
-  const r = Bun.spawnSync(cmd, { stdout: 'pipe', stderr: 'pipe' });
+  const r = Bun.spawnSync(cmd, { stdout: 'pipe', stderr: 'pipe', timeout: 20000 });
   return { ok: r.exitCode === 0, out: `${r.stdout.toString()}${r.stderr.toString()}`.trim() };
 }
 
@@ -854,49 +874,86 @@ export function ensureIproute2(): string | null {
   return have() ? null : 'ip/tc (iproute2) are missing and could not be installed';
 }
 
+/** Impairment of the link between the two namespaces, in each direction. */
+export interface Impairment {
+  delayMs: number;
+  lossPct: number;
+  /** MTU of the relayed TUN link, when the relay is used (default RELAY_MTU) */
+  mtu?: number;
+}
+
 /**
- * Two network namespaces, A and B, joined by a veth pair with `subnet`.1 in A and `subnet`.2 in B, and optional
- * netem impairment on both ends. Names carry a random suffix; `remove` (also on dispose) deletes everything.
+ * Two network namespaces, A and B, joined by one link with `subnet`.1 in A and `subnet`.2 in B. With an
+ * impairment, the link is a veth pair with `tc qdisc … netem delay D loss L` on both ends; where the kernel has no
+ * netem (some VM kernels ship without sch_netem), it is a pair of TUN interfaces joined by `netemRelay` below, a
+ * user-space process that applies the same delay and loss to every packet. `link` says which one is in use.
+ * Names carry a random suffix; `remove` (also on dispose) kills the relay and deletes the namespaces, which takes
+ * their interfaces with them.
  */
 export class Netns {
   readonly a: string;
   readonly b: string;
-  readonly vethA: string;
-  readonly vethB: string;
+  readonly devA: string;
+  readonly devB: string;
   readonly addrA: string;
   readonly addrB: string;
+  /** how A and B are joined, for the test log */
+  link = 'veth';
   private created: string[] = [];
+  private relay: Proc | null = null;
 
   private constructor(subnet: string) {
     const id = randomBytes(3).toString('hex');
     this.a = `vpnt-${id}-a`;
     this.b = `vpnt-${id}-b`;
-    this.vethA = `vpa${id}`;
-    this.vethB = `vpb${id}`;
+    this.devA = `vpa${id}`;
+    this.devB = `vpb${id}`;
     this.addrA = `${subnet}.1`;
     this.addrB = `${subnet}.2`;
   }
 
-  /**
-   * Create the pair, or return a reason string when namespaces cannot be created here (not root, no
-   * CAP_SYS_ADMIN, a sandbox). Anything failing after `ip netns add` worked is a real error and throws.
-   */
-  static create(o: { subnet?: string; netem?: string } = {}): Netns | string {
+  /** Null when this machine lets us create network namespaces, else the reason it does not (for a skip message). */
+  static probe(): string | null {
     const missing = ensureIproute2();
     if (missing) return missing;
+    const name = `vpnt-probe-${randomBytes(3).toString('hex')}`;
+    const r = run(['ip', 'netns', 'add', name]);
+    if (!r.ok) return `cannot create a network namespace (ip netns add: ${r.out || 'failed'})`;
+    run(['ip', 'netns', 'del', name]);
+    return null;
+  }
+
+  /** Create the namespaces and the link. Throws with the failing command; cleans up what it made first. */
+  static async create(o: { subnet?: string; impair?: Impairment } = {}): Promise<Netns> {
+    const missing = ensureIproute2();
+    if (missing) throw new Error(missing);
     const n = new Netns(o.subnet ?? '192.168.78');
-    const first = run(['ip', 'netns', 'add', n.a]);
-    if (!first.ok) return `cannot create a network namespace: ${first.out}`;
-    n.created.push(n.a);
     try {
-      must(['ip', 'netns', 'add', n.b]);
-      n.created.push(n.b);
-      must(['ip', 'link', 'add', n.vethA, 'netns', n.a, 'type', 'veth', 'peer', 'name', n.vethB, 'netns', n.b]);
-      for (const [ns, dev, addr] of [[n.a, n.vethA, n.addrA], [n.b, n.vethB, n.addrB]] as const) {
+      for (const ns of [n.a, n.b]) {
+        must(['ip', 'netns', 'add', ns]);
+        n.created.push(ns);
         must(['ip', '-n', ns, 'link', 'set', 'lo', 'up']);
+      }
+      must(['ip', 'link', 'add', n.devA, 'netns', n.a, 'type', 'veth', 'peer', 'name', n.devB, 'netns', n.b]);
+      let netem = true;
+      if (o.impair) {
+        const spec = ['delay', `${o.impair.delayMs}ms`, 'loss', `${o.impair.lossPct}%`];
+        const r = run(['ip', 'netns', 'exec', n.a, 'tc', 'qdisc', 'add', 'dev', n.devA, 'root', 'netem', ...spec]);
+        if (r.ok) {
+          must(['ip', 'netns', 'exec', n.b, 'tc', 'qdisc', 'add', 'dev', n.devB, 'root', 'netem', ...spec]);
+          n.link = `veth with tc netem ${spec.join(' ')} on both ends`;
+        } else if (/qdisc kind is unknown|No such file/i.test(r.out)) {
+          netem = false;
+        } else throw new Error(`tc qdisc add … netem failed: ${r.out}`);
+      }
+      if (!netem) {
+        // No netem in this kernel: replace the veth pair by two TUN interfaces and the user-space relay.
+        must(['ip', '-n', n.a, 'link', 'del', n.devA]);
+        await n.startRelay(o.impair!);
+      }
+      for (const [ns, dev, addr] of [[n.a, n.devA, n.addrA], [n.b, n.devB, n.addrB]] as const) {
         must(['ip', '-n', ns, 'addr', 'add', `${addr}/24`, 'dev', dev]);
         must(['ip', '-n', ns, 'link', 'set', dev, 'up']);
-        if (o.netem) must(['ip', 'netns', 'exec', ns, 'tc', 'qdisc', 'add', 'dev', dev, 'root', 'netem', ...o.netem.split(' ')]);
       }
     } catch (e) {
       n.remove();
@@ -905,27 +962,135 @@ export class Netns {
     return n;
   }
 
+  private async startRelay(imp: Impairment): Promise<void> {
+    // The relay creates both TUN interfaces in this (the root) namespace; they are then moved into A and B, and
+    // keep their file descriptors, so the relay joins the two namespaces from outside.
+    const mtu = imp.mtu ?? RELAY_MTU;
+    const relay = new Proc([process.execPath, import.meta.path, 'netem-relay', this.devA, this.devB, String(imp.delayMs), String(imp.lossPct / 100)]);
+    this.relay = relay;
+    await relay.waitFor(/^ready$/m, 10000);
+    must(['ip', 'link', 'set', this.devA, 'netns', this.a]);
+    must(['ip', 'link', 'set', this.devB, 'netns', this.b]);
+    for (const [ns, dev] of [[this.a, this.devA], [this.b, this.devB]] as const) must(['ip', '-n', ns, 'link', 'set', dev, 'mtu', String(mtu)]);
+    this.link = `TUN pair through a user-space relay: delay ${imp.delayMs}ms loss ${imp.lossPct}% each way, MTU ${mtu} (this kernel has no netem)`;
+  }
+
+  /** Packets the relay forwarded and dropped so far (null with netem, which keeps its own counters). */
+  async relayStats(): Promise<{ forwarded: number; dropped: number } | null> {
+    const r = this.relay;
+    if (!r) return null;
+    r.kill('SIGUSR1');
+    const before = r.stderr.length;
+    await until(() => /stats .*\n/.test(r.stderr.slice(before)), 3000);
+    const m = /stats forwarded=(\d+) dropped=(\d+)/.exec(r.stderr.slice(before));
+    return m ? { forwarded: Number(m[1]), dropped: Number(m[2]) } : null;
+  }
+
   /** `bun vpn.ts …` inside namespace `ns`. */
   vpn(ns: string, args: string[], opts: { stdin?: 'pipe' | 'ignore' } = {}): Proc {
     return new Proc(['ip', 'netns', 'exec', ns, process.execPath, VPN, ...args], opts);
   }
 
-  /** `tc qdisc show` of both ends (for a failure message). */
+  /** `tc qdisc show` of both ends (to check the impairment is in place). */
   qdiscs(): string {
-    return [this.a, this.b].map((ns, i) => run(['ip', 'netns', 'exec', ns, 'tc', 'qdisc', 'show', 'dev', i ? this.vethB : this.vethA]).out).join('\n');
+    return [[this.a, this.devA], [this.b, this.devB]].map(([ns, dev]) => run(['ip', 'netns', 'exec', ns!, 'tc', 'qdisc', 'show', 'dev', dev!]).out).join('\n');
   }
 
-  /** Delete both namespaces (their veth ends go with them). Idempotent. */
+  /** Kill the relay and delete both namespaces (their interfaces go with them). Idempotent. */
   remove(): void {
+    this.relay?.kill('SIGKILL');
+    this.relay = null;
     for (const ns of this.created.splice(0)) run(['ip', 'netns', 'del', ns]);
   }
 
-  /** Namespaces left by this helper (normally none). */
-  static leftovers(): string[] {
-    return run(['ip', 'netns', 'list']).out.split('\n').filter((l) => l.startsWith('vpnt-'));
+  /** Whether both namespaces are gone. */
+  get removed(): boolean {
+    const list = run(['ip', 'netns', 'list']).out;
+    return !list.includes(this.a) && !list.includes(this.b);
   }
 
   [Symbol.dispose](): void {
     this.remove();
   }
+}
+
+async function until(cond: () => boolean, ms: number): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (!cond() && Date.now() < end) await Bun.sleep(20);
+  return cond();
+}
+
+// ---- netem in user space ----
+
+/** MTU of the relayed TUN link: an Ethernet's, so every 1500-byte packet takes its own chance of being lost. */
+const RELAY_MTU = 1500;
+const TUNSETIFF = 0x400454ca;
+const IFF_TUN = 0x0001;
+const IFF_NO_PI = 0x1000;
+
+/**
+ * `bun tests/mitm.ts netem-relay DEV_A DEV_B DELAY_MS LOSS`: create two TUN interfaces and copy every IP packet
+ * from one to the other after DELAY_MS, dropping each with probability LOSS (0…1) — netem's `delay D loss L`, per
+ * direction. Prints `ready` once both exist; on SIGUSR1 prints `stats forwarded=N dropped=N`. Reads are blocking
+ * reads on the thread pool (fs.read), so packets of any size up to 64 KiB arrive whole.
+ */
+async function netemRelay(argv: string[]): Promise<void> {
+  const [devA, devB, delayText, lossText] = argv;
+  const delayMs = Number(delayText);
+  const loss = Number(lossText);
+  const { dlopen, FFIType, ptr } = await import('bun:ffi');
+  const { openSync, read, writeSync, constants } = await import('node:fs');
+  const libc = dlopen('libc.so.6', { ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 } });
+  const openTun = (name: string) => {
+    const fd = openSync('/dev/net/tun', constants.O_RDWR);
+    const ifr = new Uint8Array(40);
+    ifr.set(new TextEncoder().encode(name));
+    new DataView(ifr.buffer).setUint16(16, IFF_TUN | IFF_NO_PI, true);
+    if (libc.symbols.ioctl(fd, TUNSETIFF, ptr(ifr)) < 0) throw new Error(`TUNSETIFF ${name} failed`);
+    return fd;
+  };
+  const stats = { forwarded: 0, dropped: 0 };
+  const pump = (from: number, to: number) => {
+    const queue: { due: number; pkt: Uint8Array }[] = [];
+    let timer: ReturnType<typeof setTimeout> | null = null;
+    const deliver = () => {
+      timer = null;
+      const now = performance.now();
+      while (queue.length > 0 && queue[0]!.due <= now) {
+        try {
+          writeSync(to, queue.shift()!.pkt);
+          stats.forwarded++;
+        } catch {
+          stats.dropped++; // the far interface is down or gone: as a wire would, lose it
+        }
+      }
+      if (queue.length > 0) timer = setTimeout(deliver, Math.max(0, queue[0]!.due - now));
+    };
+    const next = () => {
+      const buf = Buffer.allocUnsafe(1 << 16);
+      read(from, buf, 0, buf.length, null, (err, n) => {
+        if (err) return; // the interface went away with its namespace
+        if (Math.random() < loss) stats.dropped++;
+        else {
+          queue.push({ due: performance.now() + delayMs, pkt: buf.subarray(0, n) });
+          timer ??= setTimeout(deliver, delayMs);
+        }
+        next();
+      });
+    };
+    next();
+  };
+  const a = openTun(devA!);
+  const b = openTun(devB!);
+  process.on('SIGUSR1', () => process.stderr.write(`stats forwarded=${stats.forwarded} dropped=${stats.dropped}\n`));
+  process.stderr.write('ready\n');
+  pump(a, b);
+  pump(b, a);
+}
+
+if (import.meta.main && process.argv[2] === 'netem-relay') {
+  netemRelay(process.argv.slice(3)).catch((e) => {
+    process.stderr.write(`netem-relay: ${(e as Error).message}\n`);
+    process.exit(1);
+  });
 }
