@@ -9,9 +9,10 @@
  * (HKDF, scrypt, SHA-256 of the transcript) runs once per process or handshake and always uses noble.
  *
  * The data path calls `encryptCbc`/`decryptCbc`/`mac` once per frame, so both engines avoid per-call waste: noble
- * encrypts and decrypts into a caller's buffer (in place, for a frame) and re-keys one HMAC instance instead of
- * cloning a new one; native pads and unpads itself so that no ciphertext is concatenated, and keeps the X25519
- * KeyObject of a key pair it generated so the shared secret does not re-import (and re-derive) the secret key.
+ * encrypts and decrypts into a caller's buffer (in place, for a frame) and computes every MAC in one shared HMAC
+ * instance instead of cloning one per message; native writes its cipher output straight into the caller's buffer
+ * and unpads itself (no concatenation), and keeps the KeyObject of an X25519 key it generated so that the shared
+ * secret does not re-import, and re-derive, the secret key.
  */
 import { cbc } from '@noble/ciphers/aes.js';
 import { x25519 } from '@noble/curves/ed25519.js';
@@ -60,6 +61,12 @@ function rejectZero(shared: Uint8Array): Uint8Array {
   return shared;
 }
 
+/**
+ * The one HMAC instance every noble MAC computation works in: set from the keyed state (`_cloneInto`), fed, digested,
+ * which wipes it. Nothing to allocate per message, nothing extra held per key; JS runs one computation at a time.
+ */
+let macWork: _HMAC<any> | undefined;
+
 /** noble writes into `out` only when it is 4-byte aligned; otherwise it gets a fresh array. */
 const usable = (out: Uint8Array | undefined, len: number) => out !== undefined && out.length === len && out.byteOffset % 4 === 0;
 
@@ -74,10 +81,8 @@ export const nobleEngine: Engine = {
   },
   mac(key) {
     const keyed = hmac.create(sha256, key);
-    // One working instance, reset from the keyed state per message: no per-message clone to allocate.
-    let work: _HMAC<any> | undefined;
     return (...parts) => {
-      const h = (work = keyed._cloneInto(work));
+      const h = (macWork = keyed._cloneInto(macWork));
       for (const p of parts) h.update(p);
       const tag = new Uint8Array(MAC_LEN);
       h.digestInto(tag);
