@@ -521,3 +521,194 @@ describe('the server stays up and bounded', () => {
     expect(rss).toBeLessThan(baseRss + 16 * 1024);
   });
 });
+
+// ---------------------------------------------------------------------------------------------------------------
+type TargetConn = { sink: HashSink; how: 'open' | 'fin' | 'reset' | 'closed'; done: PromiseWithResolvers<void> };
+
+/**
+ * The service behind `serve --forward` for the transfer tests: hashes what each connection brings, answers a FIN
+ * with "SHA256 BYTES\n" and its own FIN, and records how each connection ended (a clean FIN, or a reset).
+ */
+function hashTarget() {
+  const conns: TargetConn[] = [];
+  const ended = (c: TargetConn, err?: Error) => {
+    if (c.how === 'open') c.how = err ? 'reset' : 'closed';
+    c.done.resolve();
+  };
+  const listener = Bun.listen<{ c?: TargetConn }>({
+    hostname: '127.0.0.1',
+    port: 0,
+    allowHalfOpen: true,
+    data: {},
+    socket: {
+      open(s) {
+        const c: TargetConn = { sink: new HashSink(), how: 'open', done: Promise.withResolvers<void>() };
+        s.data = { c };
+        conns.push(c);
+      },
+      data: (s, d) => s.data.c!.sink.update(d),
+      end(s) {
+        const c = s.data.c!;
+        c.how = 'fin';
+        s.end(`${c.sink.digest()} ${c.sink.bytes}\n`);
+      },
+      close: (s, err) => ended(s.data.c!, err),
+      error: (s, err) => ended(s.data.c!, err),
+    },
+  });
+  return { conns, port: listener.port, [Symbol.dispose]: () => listener.stop(true) };
+}
+
+/** SHA-256 of the first `n` bytes of the stream `src` generates. */
+function prefixDigest(src: PatternSource, n: number): string {
+  const again = new PatternSource(n, src.block);
+  while (again.next()) {
+    // hashing as it goes
+  }
+  return again.digest();
+}
+
+/** Send `total` bytes through connect --local → serve --forward → hashTarget; check the digest that comes back. */
+async function soak(total: number, ms: number): Promise<void> {
+  using target = hashTarget();
+  using rig = await forwardRig(target.port);
+  const src = new PatternSource(total);
+  const c = await RawClient.connect(rig.lport);
+  const peak = { srv: 0, cli: 0 };
+  const sampler = setInterval(() => {
+    peak.srv = Math.max(peak.srv, rssKiB(rig.srv.pid));
+    peak.cli = Math.max(peak.cli, rssKiB(rig.cli.pid));
+  }, 100);
+  const t0 = performance.now();
+  try {
+    await c.sendStream(src);
+    await c.closed(ms);
+  } finally {
+    clearInterval(sampler);
+    c.destroy();
+  }
+  const secs = (performance.now() - t0) / 1000;
+  console.log(`soak: ${total / MiB} MiB in ${secs.toFixed(1)} s (${(total / MiB / secs).toFixed(1)} MiB/s); peak VmRSS serve ${peak.srv >> 10} MiB, connect ${peak.cli >> 10} MiB`);
+  expect(src.produced).toBe(total);
+  expect(new TextDecoder().decode(c.received)).toBe(`${src.digest()} ${total}\n`);
+  expect(c.error).toBeNull();
+  expect(target.conns.map((t) => t.how)).toEqual(['fin']);
+  await rig.srv.waitFor(/^session closed .*: clean end$/m, 5000);
+  // Memory stays bounded whatever the volume: nothing like the stream itself is ever held.
+  expect(Math.max(peak.srv, peak.cli)).toBeLessThan(256 * 1024);
+}
+
+describe('long transfers and dead peers', () => {
+  test('soak: 128 MiB of random bytes through a forward tunnel arrive with the same SHA-256', async () => {
+    await soak(128 * MiB, 90_000);
+  }, 120_000);
+
+  test.skipIf(!process.env.VPN_SOAK_1G)('soak (VPN_SOAK_1G=1): 1 GiB of random bytes through a forward tunnel arrive with the same SHA-256', async () => {
+    await soak(1024 * MiB, 540_000);
+  }, 600_000);
+
+  test('a --local client killed with SIGKILL mid-transfer: the server logs a truncation, resets the target, delivered only a prefix, keeps serving, and its descriptors return to baseline', async () => {
+    using target = hashTarget();
+    using rig = await forwardRig(target.port);
+    const warm = await RawClient.connect(rig.lport);
+    await warm.sendStream(new PatternSource(64 << 10));
+    await warm.closed(10000);
+    await Bun.sleep(300);
+    const baseline = openFds(rig.srv.pid);
+    const src = new PatternSource(1 << 30); // far more than is sent before the kill
+    const c = await RawClient.connect(rig.lport);
+    try {
+      void c.sendStream(src);
+      expect(await until(() => (target.conns[1]?.sink.bytes ?? 0) >= 4 * MiB, 20000)).toBe(true);
+      expect(openFds(rig.srv.pid)).toBeGreaterThan(baseline); // the session is open: the count can tell
+      rig.cli.kill('SIGKILL');
+      await rig.cli.exit(5000);
+      await rig.srv.waitFor(/^session closed .*(before|without) an authenticated CLOSE.*$/m, 5000);
+      const conn = target.conns[1]!;
+      await Promise.race([conn.done.promise, Bun.sleep(5000)]);
+      // The target's connection is reset, never ended with a FIN that would make a truncated stream look whole.
+      expect(conn.how).toBe('reset');
+      const got = conn.sink.bytes;
+      expect(got).toBeLessThanOrEqual(src.produced);
+      expect(conn.sink.digest()).toBe(prefixDigest(src, got));
+      expect(await fdsBackTo(rig.srv.pid, baseline)).toBeLessThanOrEqual(baseline);
+      expect(rig.srv.proc.exitCode).toBeNull();
+    } finally {
+      c.destroy();
+    }
+    // The server goes on serving: a new client process gets a whole stream through.
+    using cli2 = new VpnProcess(['connect', `127.0.0.1:${rig.sport}`, '--local', '127.0.0.1:0', '--key', key]);
+    const again = await RawClient.connect(await cli2.listeningPort());
+    const src2 = new PatternSource(MiB);
+    await again.sendStream(src2);
+    await again.closed(10000);
+    expect(new TextDecoder().decode(again.received)).toBe(`${src2.digest()} ${MiB}\n`);
+  });
+
+  for (const victim of ['connect', 'serve'] as const) {
+    const other = victim === 'connect' ? 'serve' : 'connect';
+    test(`${victim} killed with SIGKILL mid-transfer: ${other} exits 4 and wrote only a strict prefix of what was sent`, async () => {
+      const fromClient = random(16 * MiB);
+      const fromServer = random(16 * MiB);
+      using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key], { stdin: 'pipe' });
+      const port = await srv.listeningPort();
+      using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key], { stdin: 'pipe' });
+      const [v, o] = victim === 'connect' ? [cli, srv] : [srv, cli];
+      const [vData, oData] = victim === 'connect' ? [fromClient, fromServer] : [fromServer, fromClient];
+      void feedQuietly(o.proc, oData);
+      void feedQuietly(v.proc, vData, { onProgress: (n) => n >= 4 * MiB && v.kill('SIGKILL') });
+      const code = await o.exit(20000);
+      await v.exit(5000);
+      const out = await o.stdoutBytes;
+      if (code !== 4) console.error(o.stderr);
+      expect(code).toBe(4);
+      expect(o.stderr).toMatch(/authenticated CLOSE|authenticated close/);
+      expect(out.length).toBeGreaterThan(0);
+      expect(isPrefix(out, vData, true)).toBe(true);
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------------------------------
+const NETNS_SKIP = Netns.probe();
+if (NETNS_SKIP) console.warn(`skipping the network impairment test: ${NETNS_SKIP}`);
+const namespaces: Netns[] = [];
+afterAll(() => {
+  for (const n of namespaces) n.remove();
+});
+
+describe('a slow and lossy network', () => {
+  test.skipIf(NETNS_SKIP !== null)('16 MiB each way cross a link with 40 ms delay and 2% loss each way (namespaces A and B), intact, both ends exit 0', async () => {
+    const ns = await Netns.create({ impair: { delayMs: 40, lossPct: 2 } });
+    namespaces.push(ns);
+    let srv: ReturnType<Netns['vpn']> | null = null;
+    let cli: ReturnType<Netns['vpn']> | null = null;
+    try {
+      console.log(`impairment: ${ns.link}`);
+      if (ns.link.startsWith('veth')) expect(count(ns.qdiscs(), /netem .*delay 40ms loss 2%/)).toBe(2);
+      srv = ns.vpn(ns.a, ['serve', '--listen', `${ns.addrA}:0`, '--once', '--key', key], { stdin: 'pipe' });
+      const port = Number((await srv.waitFor(/^listening on .*:(\d+)$/m, 10000))[1]);
+      cli = ns.vpn(ns.b, ['connect', `${ns.addrA}:${port}`, '--key', key], { stdin: 'pipe' });
+      const up = random(16 * MiB);
+      const down = random(16 * MiB);
+      const t0 = performance.now();
+      void feedQuietly(cli.proc, up);
+      void feedQuietly(srv.proc, down);
+      const [srvCode, cliCode] = await Promise.all([srv.exit(90_000), cli.exit(90_000)]);
+      const [srvOut, cliOut] = await Promise.all([srv.stdoutBytes, cli.stdoutBytes]);
+      const stats = await ns.relayStats();
+      console.log(`impaired transfer: ${((performance.now() - t0) / 1000).toFixed(1)} s${stats ? `, relay forwarded ${stats.forwarded} packets and dropped ${stats.dropped}` : ''}`);
+      if (srvCode !== 0 || cliCode !== 0) console.error(srv.stderr, cli.stderr);
+      expect([srvCode, cliCode]).toEqual([0, 0]);
+      expect(sha256(srvOut)).toBe(sha256(up));
+      expect(sha256(cliOut)).toBe(sha256(down));
+      expect(srv.stderr).toContain(`session opened ${ns.addrB}:`); // it really came across the link
+      if (stats) expect(stats.dropped).toBeGreaterThan(0); // and the link really lost packets
+    } finally {
+      srv?.kill('SIGKILL');
+      cli?.kill('SIGKILL');
+      ns.remove();
+    }
+    expect(ns.removed).toBe(true);
+  }, 120_000);
+});
