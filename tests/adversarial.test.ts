@@ -162,6 +162,7 @@ const DATA_PHASE: Manipulation[] = [
   { name: 'a replayed whole frame', action: { kind: 'dup', n: 1 }, unit: 'frame' },
   { name: 'a dropped whole frame', action: { kind: 'drop', n: 1 }, unit: 'frame' },
   { name: 'two reordered whole frames', action: { kind: 'swap', n: 1 }, unit: 'frame' },
+  { name: 'a forged FIN exactly between two frames', action: { kind: 'fin' }, unit: 'frame' },
   { name: 'a frame length of 0xFFFFFFFF, then silence', action: { kind: 'inject', bytes: lengthPrefix(0xffffffff), stall: true }, unit: 'frame' },
   { name: 'a frame length of 0, then silence', action: { kind: 'inject', bytes: lengthPrefix(0), stall: true }, unit: 'frame' },
 ];

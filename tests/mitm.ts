@@ -14,7 +14,7 @@
  * Everything listens on 127.0.0.1 (or inside the test's own namespaces) and is bounded in count, time and memory.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import type { FileSink, Socket, Subprocess, TCPSocketListener } from 'bun';
 import { VPN } from './helpers.ts';
 
@@ -919,7 +919,10 @@ export class Netns {
     const name = `vpnt-probe-${randomBytes(3).toString('hex')}`;
     const r = run(['ip', 'netns', 'add', name]);
     if (!r.ok) return `cannot create a network namespace (ip netns add: ${r.out || 'failed'})`;
+    // Impairment needs netem, or TUN for the user-space relay.
+    const netem = run(['ip', 'netns', 'exec', name, 'tc', 'qdisc', 'add', 'dev', 'lo', 'root', 'netem', 'delay', '1ms']).ok;
     run(['ip', 'netns', 'del', name]);
+    if (!netem && !existsSync('/dev/net/tun')) return 'this kernel has neither the netem qdisc nor /dev/net/tun to impair a link with';
     return null;
   }
 
