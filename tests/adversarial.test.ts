@@ -86,7 +86,7 @@ describe('the man-in-the-middle proxy itself', () => {
   const cat = (...a: Uint8Array[]) => new Uint8Array(Buffer.concat(a));
   const at = 1234;
 
-  test('flip, drop, dup, swap, inject, fin and reset change exactly the bytes they name', () => {
+  test('flip, drop, dup, swap, inject, rewrite, blackhole, fin and reset change exactly the bytes they name', () => {
     const flip = input.slice();
     flip[at]! ^= 0x10;
     expect(run({ dir: 'c2s', at, action: { kind: 'flip', bit: 4 } }).out).toEqual(flip);
@@ -98,6 +98,10 @@ describe('the man-in-the-middle proxy itself', () => {
     const x = new Uint8Array([9, 9, 9]);
     expect(run({ dir: 'c2s', at, action: { kind: 'inject', bytes: x } }).out).toEqual(cat(input.subarray(0, at), x, input.subarray(at)));
     expect(run({ dir: 'c2s', at, action: { kind: 'inject', bytes: x, stall: true } }).out).toEqual(cat(input.subarray(0, at), x));
+    expect(run({ dir: 'c2s', at, action: { kind: 'rewrite', n: 4, fn: (w) => w.subarray(1, 3) } }).out).toEqual(
+      cat(input.subarray(0, at), input.subarray(at + 1, at + 3), input.subarray(at + 4)),
+    );
+    expect(run({ dir: 'c2s', at, action: { kind: 'blackhole' } }).out).toEqual(input.subarray(0, at));
     const fin = run({ dir: 'c2s', at, action: { kind: 'fin' } });
     expect([fin.out, fin.signal]).toEqual([input.subarray(0, at), 'fin']);
     const rst = run({ dir: 'c2s', at, action: { kind: 'reset' } });
@@ -135,15 +139,15 @@ describe('the man-in-the-middle proxy itself', () => {
  * stdio pipe through the proxy: `connect` → MITM → `serve --once`, `size` random bytes each way at once.
  * Returns what each side sent and wrote, and the exit statuses.
  */
-async function throughMitm(tampers: Tamper[], size = 3 * MiB, extra: { serve?: string[]; connect?: string[] } = {}) {
+async function throughMitm(tampers: Tamper[], size = 3 * MiB, extra: { serve?: string[]; connect?: string[]; keepOpen?: 'serve' | 'connect' } = {}) {
   const fromClient = random(size);
   const fromServer = random(size);
   using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key, ...(extra.serve ?? [])], { stdin: 'pipe' });
   const port = await srv.listeningPort();
   using mitm = MitmProxy.start({ target: { port }, tamper: tampers });
   using cli = new VpnProcess(['connect', `127.0.0.1:${mitm.port}`, '--key', key, ...(extra.connect ?? [])], { stdin: 'pipe' });
-  void feedQuietly(srv.proc, fromServer);
-  void feedQuietly(cli.proc, fromClient);
+  void feedQuietly(srv.proc, fromServer, { end: extra.keepOpen !== 'serve' });
+  void feedQuietly(cli.proc, fromClient, { end: extra.keepOpen !== 'connect' });
   // Bounded: a receiver that hangs (say, buffering a 4 GiB frame) is killed and fails the status check.
   const [srvCode, cliCode] = await Promise.all([srv.exit(20000), cli.exit(20000)]);
   const [srvOut, cliOut] = await Promise.all([srv.stdoutBytes, cli.stdoutBytes]);
@@ -256,6 +260,19 @@ describe('a man in the middle during the handshake', () => {
       expect(srv.stderr).not.toContain('session opened');
     });
   }
+
+  test('a downgrade to protocol version 1 (version byte rewritten, E_C cut off): connect exits 3 and nothing is delivered', async () => {
+    const downgrade = (m1: Uint8Array) => new Uint8Array([0x01, ...m1.subarray(1, 81)]); // a well-formed v1 message 1
+    using mitm = MitmProxy.start({ target: { port }, tamper: [{ dir: 'c2s', at: 0, action: { kind: 'rewrite', n: V2_MSG1.len, fn: downgrade } }] });
+    using cli = new VpnProcess(['connect', `127.0.0.1:${mitm.port}`, '--key', key, '--handshake-timeout', '1'], { stdin: 'pipe' });
+    void feedQuietly(cli.proc, random(64 << 10));
+    expect(await cli.exit(15000)).toBe(3);
+    expect(await cli.stdoutBytes).toHaveLength(0);
+    expect(mitm.conns[0]?.fired).toBe(true);
+    // The server did answer the forged version 1 message 1 (64 bytes), but its MAC covers what it received.
+    expect(mitm.conns[0]!.s2c.bytesIn).toBe(64);
+    expect(srv.stderr).not.toContain('session opened');
+  });
 
   test('after all of that the server is still serving, never opened a session and never wrote a byte', async () => {
     expect(srv.proc.exitCode).toBeNull();
@@ -645,6 +662,29 @@ describe('long transfers and dead peers', () => {
     await again.closed(10000);
     expect(new TextDecoder().decode(again.received)).toBe(`${src2.digest()} ${MiB}\n`);
   });
+
+  for (const dirn of ['c2s', 's2c'] as const) {
+    const [rx, tx] = dirn === 'c2s' ? (['serve', 'connect'] as const) : (['connect', 'serve'] as const);
+    test(`a path that silently stops carrying ${tx}→${rx} data (no FIN, no reset): with --keepalive 1, ${rx} gives up as a dead peer (exit 1) within seconds, with a strict prefix written`, async () => {
+      const t0 = performance.now();
+      const ka = ['--keepalive', '1'];
+      // The receiver keeps its own direction open, so its peer cannot finish cleanly and close the connection:
+      // all the receiver has to go on is the silence.
+      const r = await throughMitm([{ dir: dirn, at: MiB + 777, action: { kind: 'blackhole' } }], 3 * MiB, { serve: ka, connect: ka, keepOpen: rx });
+      const secs = (performance.now() - t0) / 1000;
+      expect(r.fired).toBe(true);
+      const [rxCode, rxOut, rxSent, rxErr] = dirn === 'c2s' ? [r.srvCode, r.srvOut, r.fromClient, r.srvErr] : [r.cliCode, r.cliOut, r.fromServer, r.cliErr];
+      const [otCode, otOut, otSent] = dirn === 'c2s' ? [r.cliCode, r.cliOut, r.fromServer] : [r.srvCode, r.srvOut, r.fromClient];
+      if (rxCode !== 1) console.error(rxErr);
+      expect(rxCode).toBe(1);
+      expect(rxErr).toMatch(/nothing heard from the peer for 3 s/);
+      expect(isPrefix(rxOut, rxSent, true)).toBe(true);
+      expect(rxOut.length).toBeGreaterThan(MiB / 2);
+      expect(isPrefix(otOut, otSent)).toBe(true);
+      expect(otCode).toBe(4); // its peer went away without a CLOSE
+      expect(secs).toBeLessThan(15);
+    });
+  }
 
   for (const victim of ['connect', 'serve'] as const) {
     const other = victim === 'connect' ? 'serve' : 'connect';

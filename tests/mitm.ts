@@ -41,6 +41,10 @@ export type Action =
   | { kind: 'swap'; n: number; m?: number }
   /** insert bytes; with `stall`, forward nothing more in this direction afterwards (and send no FIN either) */
   | { kind: 'inject'; bytes: Uint8Array; stall?: boolean }
+  /** replace the next `n` bytes (or frames) by what `fn` makes of them (any length): a rewrite */
+  | { kind: 'rewrite'; n: number; fn: (window: Uint8Array) => Uint8Array }
+  /** a black hole: forward nothing more in this direction, with no FIN and no reset (a dead path) */
+  | { kind: 'blackhole' }
   /** forged FIN: end this direction here, discard the rest */
   | { kind: 'fin' }
   /** reset the whole connection (RST on both sides) */
@@ -133,6 +137,7 @@ export class StreamEditor {
         return 1;
       case 'drop':
       case 'dup':
+      case 'rewrite':
         return a.n;
       case 'swap':
         return a.n + (a.m ?? a.n);
@@ -207,6 +212,12 @@ export class StreamEditor {
           break;
         }
         out.push(rest);
+        break;
+      case 'rewrite':
+        out.push(act.fn(win), rest);
+        break;
+      case 'blackhole':
+        this.state = 'discard';
         break;
       case 'fin':
         this.state = 'discard';
@@ -752,13 +763,14 @@ export function isPrefix(out: Uint8Array, sent: Uint8Array, strict = false): boo
 }
 
 /**
- * Write `data` into a process's stdin in 64 KiB pieces, then close it. Unlike `feedStdin` it stops quietly when
- * the process has gone away (a tampered session ends while its peer is still writing).
+ * Write `data` into a process's stdin in 64 KiB pieces, then close it (unless `end` is false: then the process's
+ * direction of the tunnel stays open). Unlike `feedStdin` it stops quietly when the process has gone away (a
+ * tampered session ends while its peer is still writing).
  */
 export async function feedQuietly(
   proc: Subprocess<any, any, any>,
   data: Uint8Array,
-  o: { chunk?: number; onProgress?: (fed: number) => void } = {},
+  o: { chunk?: number; onProgress?: (fed: number) => void; end?: boolean } = {},
 ): Promise<void> {
   const sink = proc.stdin as FileSink;
   const chunk = o.chunk ?? 1 << 16;
@@ -769,7 +781,7 @@ export async function feedQuietly(
       await sink.flush();
       o.onProgress?.(Math.min(off + chunk, data.length));
     }
-    await sink.end();
+    if (o.end !== false) await sink.end();
   } catch {
     // EPIPE: the reader is gone, which is what these tests provoke
   }
