@@ -25,7 +25,7 @@
  * Every loop is bounded by a count and a deadline; every child is killed on the way out; everything binds 127.0.0.1.
  */
 import { cbc } from '@noble/ciphers/aes.js';
-import { hmac } from '@noble/hashes/hmac.js';
+import { type _HMAC, hmac } from '@noble/hashes/hmac.js';
 import { sha256 } from '@noble/hashes/sha2.js';
 import type { Socket, Subprocess, TCPSocketListener } from 'bun';
 import * as nodeCrypto from 'node:crypto';
@@ -468,7 +468,7 @@ async function ceiling(): Promise<void> {
   const keyed = hmac.create(sha256, mk);
   const mib = MAX_PAYLOAD / MiB;
   // HMAC from the keyed state into one reused instance, digested into a fresh tag: the cheapest noble allows.
-  let work: ReturnType<typeof keyed.clone> | undefined;
+  let work: _HMAC<any> | undefined;
   const nobleMac = () => {
     const h = (work = keyed._cloneInto(work));
     h.update(chain);
