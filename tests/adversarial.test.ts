@@ -711,6 +711,116 @@ describe('long transfers and dead peers', () => {
 });
 
 // ---------------------------------------------------------------------------------------------------------------
+/** A target that sends `total` bytes of a fresh PatternSource on each connection (with backpressure), then FIN. */
+function streamTarget(total: number) {
+  type C = TargetConn & { src: PatternSource; pending: Uint8Array | null; sentAll: boolean };
+  const conns: C[] = [];
+  const pump = (s: import('bun').Socket<{ c?: C }>) => {
+    const c = s.data.c!;
+    while (!c.sentAll) {
+      c.pending ??= c.src.next(1 << 16);
+      if (!c.pending) {
+        c.sentAll = true;
+        s.shutdown(); // FIN after the last byte, and keep reading
+        return;
+      }
+      const w = Math.max(0, s.write(c.pending));
+      if (w < c.pending.length) {
+        c.pending = c.pending.subarray(w);
+        return; // wait for drain
+      }
+      c.pending = null;
+    }
+  };
+  const ended = (c: C, err?: Error) => {
+    if (c.how === 'open') c.how = err ? 'reset' : 'closed';
+    c.done.resolve();
+  };
+  const listener = Bun.listen<{ c?: C }>({
+    hostname: '127.0.0.1',
+    port: 0,
+    allowHalfOpen: true,
+    data: {},
+    socket: {
+      open(s) {
+        const c: C = { sink: new HashSink(), how: 'open', done: Promise.withResolvers<void>(), src: new PatternSource(total), pending: null, sentAll: false };
+        s.data = { c };
+        conns.push(c);
+        pump(s);
+      },
+      drain: (s) => pump(s),
+      data: (s, d) => s.data.c!.sink.update(d),
+      end(s) {
+        s.data.c!.how = 'fin';
+        s.end();
+      },
+      close: (s, err) => ended(s.data.c!, err),
+      error: (s, err) => ended(s.data.c!, err),
+    },
+  });
+  return { conns, port: listener.port, [Symbol.dispose]: () => listener.stop(true) };
+}
+
+describe('a man in the middle in forward mode', () => {
+  /** connect --local → MITM (with `t`) → serve --forward → target. */
+  async function rigWithMitm(targetPort: number, t: Tamper) {
+    const srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--forward', `127.0.0.1:${targetPort}`, '--key', key]);
+    const mitm = MitmProxy.start({ target: { port: await srv.listeningPort() }, tamper: [t] });
+    const cli = new VpnProcess(['connect', `127.0.0.1:${mitm.port}`, '--local', '127.0.0.1:0', '--key', key]);
+    const lport = await cli.listeningPort();
+    return {
+      srv,
+      cli,
+      mitm,
+      lport,
+      [Symbol.dispose]() {
+        cli.kill('SIGKILL');
+        srv.kill('SIGKILL');
+        mitm.stop();
+      },
+    };
+  }
+
+  test('a flipped bit 1 MiB into the upload: the target gets an exact prefix and then a reset, never a clean end; the app is reset too', async () => {
+    using target = hashTarget();
+    using rig = await rigWithMitm(target.port, { dir: 'c2s', at: MiB + 4321, action: { kind: 'flip' } });
+    const src = new PatternSource(4 * MiB);
+    const app = await RawClient.connect(rig.lport);
+    await app.sendStream(src);
+    await app.closed(15000);
+    const conn = target.conns[0]!;
+    await Promise.race([conn.done.promise, Bun.sleep(5000)]);
+    expect(rig.mitm.conns[0]?.fired).toBe(true);
+    expect(conn.how).toBe('reset');
+    expect(conn.sink.bytes).toBeGreaterThan(MiB / 2);
+    expect(conn.sink.bytes).toBeLessThan(src.total);
+    expect(conn.sink.digest()).toBe(prefixDigest(src, conn.sink.bytes));
+    // The app never gets the target's "digest" answer, nor a FIN that would look like a clean end.
+    expect(app.received).toHaveLength(0);
+    expect(app.gotEnd).toBe(false);
+    expect(app.error).not.toBeNull();
+    await rig.srv.waitFor(/^session closed .*failed verification/m, 5000);
+  });
+
+  test('a flipped bit 1 MiB into the download: the app gets an exact prefix and then a reset, never a clean end; the target is reset too', async () => {
+    using target = streamTarget(4 * MiB);
+    using rig = await rigWithMitm(target.port, { dir: 's2c', at: MiB + 4321, action: { kind: 'flip' } });
+    const app = await RawClient.connect(rig.lport);
+    await app.closed(15000);
+    const conn = target.conns[0]!;
+    await Promise.race([conn.done.promise, Bun.sleep(5000)]);
+    expect(rig.mitm.conns[0]?.fired).toBe(true);
+    expect(app.gotEnd).toBe(false);
+    expect(app.error).not.toBeNull();
+    expect(app.sink.bytes).toBeGreaterThan(MiB / 2);
+    expect(app.sink.bytes).toBeLessThan(4 * MiB);
+    expect(app.sink.digest()).toBe(prefixDigest(conn.src, app.sink.bytes));
+    expect(conn.how).toBe('reset');
+    await rig.cli.waitFor(/failed verification/, 5000);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------------------------
 const NETNS_SKIP = Netns.probe();
 if (NETNS_SKIP) console.warn(`skipping the network impairment test: ${NETNS_SKIP}`);
 const namespaces: Netns[] = [];
