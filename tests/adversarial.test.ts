@@ -274,6 +274,21 @@ describe('a man in the middle during the handshake', () => {
     expect(srv.stderr).not.toContain('session opened');
   });
 
+  test('a client that completes messages 1–3 but never sends its CONFIG record is closed by the handshake timeout, with no session', async () => {
+    using mitm = MitmProxy.start({ target: { port }, tamper: [{ dir: 'c2s', at: V2_C2S_HANDSHAKE, action: { kind: 'blackhole' } }] });
+    using cli = new VpnProcess(['connect', `127.0.0.1:${mitm.port}`, '--key', key, '--handshake-timeout', '3'], { stdin: 'pipe' });
+    void feedQuietly(cli.proc, random(64 << 10));
+    const t0 = performance.now();
+    // The server (timeout 1 s) gives up first and closes; the client, still waiting for the server's CONFIG, exits 3.
+    expect(await cli.exit(15000)).toBe(3);
+    expect(performance.now() - t0).toBeLessThan(2900);
+    expect(await cli.stdoutBytes).toHaveLength(0);
+    expect(mitm.conns[0]?.fired).toBe(true);
+    // (logged as "session closed … 0 bytes in, 0 bytes out": the keys existed, the session never opened)
+    await srv.waitFor(/^(handshake failed|session closed) .*not completed within 1 s$/m, 3000);
+    expect(srv.stderr).not.toContain('session opened');
+  });
+
   test('after all of that the server is still serving, never opened a session and never wrote a byte', async () => {
     expect(srv.proc.exitCode).toBeNull();
     // Each failed handshake was logged (rate-limited per address, so at least the first ones).

@@ -981,7 +981,8 @@ export class Netns {
     // The relay creates both TUN interfaces in this (the root) namespace; they are then moved into A and B, and
     // keep their file descriptors, so the relay joins the two namespaces from outside.
     const mtu = imp.mtu ?? RELAY_MTU;
-    const relay = new Proc([process.execPath, import.meta.path, 'netem-relay', this.devA, this.devB, String(imp.delayMs), String(imp.lossPct / 100)]);
+    // stdin is a pipe only so that the relay notices when this process dies (EOF) and exits with it.
+    const relay = new Proc([process.execPath, import.meta.path, 'netem-relay', this.devA, this.devB, String(imp.delayMs), String(imp.lossPct / 100)], { stdin: 'pipe' });
     this.relay = relay;
     await relay.waitFor(/^ready$/m, 10000);
     must(['ip', 'link', 'set', this.devA, 'netns', this.a]);
@@ -1098,6 +1099,13 @@ async function netemRelay(argv: string[]): Promise<void> {
   const a = openTun(devA!);
   const b = openTun(devB!);
   process.on('SIGUSR1', () => process.stderr.write(`stats forwarded=${stats.forwarded} dropped=${stats.dropped}\n`));
+  // The parent holds our stdin open; EOF means it is gone, and the interfaces must go with us.
+  void (async () => {
+    for await (const _ of Bun.stdin.stream()) {
+      // nothing is ever sent
+    }
+    process.exit(0);
+  })();
   process.stderr.write('ready\n');
   pump(a, b);
   pump(b, a);
