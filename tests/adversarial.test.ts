@@ -13,9 +13,8 @@
  * The 1 GiB soak runs with VPN_SOAK_1G=1.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'bun:test';
-import { keygen, random, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+import { fdCount, keygen, random, rssKiB, sha256, tempDir, until, VpnProcess } from './helpers.ts';
 import {
-  alive,
   feedQuietly,
   HashSink,
   httpRequest,
@@ -24,7 +23,6 @@ import {
   lengthPrefix,
   MitmProxy,
   Netns,
-  openFds,
   PatternSource,
   RawClient,
   StreamEditor,
@@ -52,15 +50,6 @@ afterAll(() => {
 /** Lines of `text` matching `re` (global, multiline). */
 function count(text: string, re: RegExp): number {
   return (text.match(new RegExp(re.source, 'gm')) ?? []).length;
-}
-
-function rssKiB(pid: number): number {
-  try {
-    const s = require('node:fs').readFileSync(`/proc/${pid}/status`, 'utf8') as string;
-    return Number(/VmRSS:\s+(\d+)/.exec(s)?.[1] ?? 0);
-  } catch {
-    return 0;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -482,8 +471,8 @@ async function forwardRig(targetPort: number, serveArgs: string[] = []) {
 
 /** Poll the server's descriptor count until it is back at `baseline` (or below); returns the last count. */
 async function fdsBackTo(pid: number, baseline: number, ms = 8000): Promise<number> {
-  await until(() => openFds(pid) <= baseline, ms);
-  return openFds(pid);
+  await until(() => fdCount(pid) <= baseline, ms);
+  return fdCount(pid);
 }
 
 describe('the server stays up and bounded', () => {
@@ -492,14 +481,14 @@ describe('the server stays up and bounded', () => {
     using rig = await forwardRig(echo.port, ['--handshake-timeout', '2', '--max-conns', '400']);
     await echoRoundTrip(rig.lport); // warm-up: the first session allocates what every later one reuses
     await Bun.sleep(300);
-    const baseline = openFds(rig.srv.pid);
+    const baseline = fdCount(rig.srv.pid);
     const N = 300;
     const clients: RawClient[] = [];
     try {
       for (let i = 0; i < N; i += 50) clients.push(...(await Promise.all(Array.from({ length: 50 }, () => RawClient.connect(rig.sport)))));
       // A valid version byte, so the server cannot refuse it at once and has to wait for the rest of message 1.
       for (const c of clients) c.write(new Uint8Array([0x02]));
-      expect(await until(() => openFds(rig.srv.pid) >= baseline + N * 0.9, 1500)).toBe(true); // the server holds them
+      expect(await until(() => fdCount(rig.srv.pid) >= baseline + N * 0.9, 1500)).toBe(true); // the server holds them
       await echoRoundTrip(rig.lport);
       expect(clients.filter((c) => !c.isClosed).length).toBeGreaterThanOrEqual(N * 0.9); // ... it was meanwhile
       const lifetimes = await Promise.all(clients.map((c) => c.closed(10000)));
@@ -522,7 +511,7 @@ describe('the server stays up and bounded', () => {
     using rig = await forwardRig(echo.port, ['--max-conns', '20', '--handshake-timeout', '10']);
     for (let i = 0; i < 3; i++) await echoRoundTrip(rig.lport);
     await Bun.sleep(500);
-    const baseFds = openFds(rig.srv.pid);
+    const baseFds = fdCount(rig.srv.pid);
     const baseRss = rssKiB(rig.srv.pid);
     const ROUNDS = 3;
     for (let round = 0; round < ROUNDS; round++) {
@@ -550,7 +539,7 @@ describe('the server stays up and bounded', () => {
     // garbage collector decides when to give pages back, so the bound has to leave it some room).
     await Bun.sleep(300);
     const rss = rssKiB(rig.srv.pid);
-    console.log(`flood: server VmRSS ${baseRss} KiB before, ${rss} KiB after; descriptors ${baseFds} before, ${openFds(rig.srv.pid)} after`);
+    console.log(`flood: server VmRSS ${baseRss} KiB before, ${rss} KiB after; descriptors ${baseFds} before, ${fdCount(rig.srv.pid)} after`);
     expect(rss).toBeLessThan(baseRss + 16 * 1024);
   });
 });
@@ -609,8 +598,12 @@ async function soak(total: number, ms: number): Promise<void> {
   const c = await RawClient.connect(rig.lport);
   const peak = { srv: 0, cli: 0 };
   const sampler = setInterval(() => {
-    peak.srv = Math.max(peak.srv, rssKiB(rig.srv.pid));
-    peak.cli = Math.max(peak.cli, rssKiB(rig.cli.pid));
+    try {
+      peak.srv = Math.max(peak.srv, rssKiB(rig.srv.pid));
+      peak.cli = Math.max(peak.cli, rssKiB(rig.cli.pid));
+    } catch {
+      // a process that died shows up in the checks below
+    }
   }, 100);
   const t0 = performance.now();
   try {
@@ -647,13 +640,13 @@ describe('long transfers and dead peers', () => {
     await warm.sendStream(new PatternSource(64 << 10));
     await warm.closed(10000);
     await Bun.sleep(300);
-    const baseline = openFds(rig.srv.pid);
+    const baseline = fdCount(rig.srv.pid);
     const src = new PatternSource(1 << 30); // far more than is sent before the kill
     const c = await RawClient.connect(rig.lport);
     try {
       void c.sendStream(src);
       expect(await until(() => (target.conns[1]?.sink.bytes ?? 0) >= 4 * MiB, 20000)).toBe(true);
-      expect(openFds(rig.srv.pid)).toBeGreaterThan(baseline); // the session is open: the count can tell
+      expect(fdCount(rig.srv.pid)).toBeGreaterThan(baseline); // the session is open: the count can tell
       rig.cli.kill('SIGKILL');
       await rig.cli.exit(5000);
       await rig.srv.waitFor(/^session closed .*(before|without) an authenticated CLOSE.*$/m, 5000);

@@ -14,7 +14,7 @@
  * Everything listens on 127.0.0.1 (or inside the test's own namespaces) and is bounded in count, time and memory.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import type { FileSink, Socket, Subprocess, TCPSocketListener } from 'bun';
 import { VPN } from './helpers.ts';
 
@@ -788,25 +788,6 @@ export async function feedQuietly(
 }
 
 // ---- processes and /proc ----
-
-/** Number of open descriptors of `pid` (0 once the process is gone). */
-export function openFds(pid: number): number {
-  try {
-    return readdirSync(`/proc/${pid}/fd`).length;
-  } catch {
-    return 0;
-  }
-}
-
-/** Whether `pid` is still running (and not a zombie). */
-export function alive(pid: number): boolean {
-  try {
-    const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return !/^\d+ \(.*\) Z/.test(s);
-  } catch {
-    return false;
-  }
-}
 
 /** A spawned command with stdout collected as bytes and stderr as text (for `ip netns exec … bun vpn.ts`). */
 export class Proc {
