@@ -449,66 +449,108 @@ async function settle(): Promise<number> {
   return busy;
 }
 
-async function ceiling(): Promise<void> {
-  const s = 'ceiling';
-  const busy = await settle();
-  const enc = nodeCrypto.randomBytes(32);
-  const mk = nodeCrypto.randomBytes(32);
-  const iv = new Uint8Array(nodeCrypto.randomBytes(16));
-  const chain = new Uint8Array(32);
-  const ptLen = TYPE_LEN + MAX_PAYLOAD;
-  const ctLen = (Math.floor(ptLen / BLOCK) + 1) * BLOCK;
-  // The frame layout of channel.ts: L ‖ IV ‖ ciphertext ‖ MAC. The plaintext is encrypted from an aligned buffer
-  // into the frame (noble accepts an output buffer); the MAC covers chain ‖ L ‖ IV ‖ ciphertext.
-  const frame = new Uint8Array(HEADER_LEN + ctLen + MAC_LEN);
-  const ct = frame.subarray(HEADER_LEN, HEADER_LEN + ctLen);
-  const macInput = frame.subarray(0, HEADER_LEN + ctLen);
-  const pt = new Uint8Array(nodeCrypto.randomBytes(ptLen));
-  const out = new Uint8Array(ctLen);
-  const keyed = hmac.create(sha256, mk);
-  const mib = MAX_PAYLOAD / MiB;
-  // HMAC from the keyed state into one reused instance, digested into a fresh tag: the cheapest noble allows.
-  let work: _HMAC<any> | undefined;
-  const nobleMac = () => {
-    const h = (work = keyed._cloneInto(work));
-    h.update(chain);
-    h.update(macInput);
+/**
+ * The per-frame work of channel.ts with nothing else: frames of MAX_PAYLOAD bytes laid out as L ‖ IV ‖ ciphertext ‖
+ * MAC. noble encrypts from an aligned plaintext into the frame (it accepts an output buffer) and decrypts into a
+ * reused buffer; the MAC covers chain ‖ L ‖ IV ‖ ciphertext. Each function does one frame.
+ */
+class FrameWork {
+  private readonly enc = nodeCrypto.randomBytes(32);
+  private readonly iv = new Uint8Array(nodeCrypto.randomBytes(16));
+  private readonly chain = new Uint8Array(32);
+  private readonly pt = new Uint8Array(nodeCrypto.randomBytes(TYPE_LEN + MAX_PAYLOAD));
+  private readonly ctLen = (Math.floor((TYPE_LEN + MAX_PAYLOAD) / BLOCK) + 1) * BLOCK;
+  private readonly frame = new Uint8Array(HEADER_LEN + this.ctLen + MAC_LEN);
+  private readonly ct = this.frame.subarray(HEADER_LEN, HEADER_LEN + this.ctLen);
+  private readonly macInput = this.frame.subarray(0, HEADER_LEN + this.ctLen);
+  private readonly out = new Uint8Array(this.ctLen);
+  private readonly mk = nodeCrypto.randomBytes(32);
+  private readonly keyed = hmac.create(sha256, this.mk);
+  private work: _HMAC<any> | undefined;
+  private readonly nk = Buffer.from(this.mk);
+  constructor() {
+    this.aesEnc();
+  }
+  aesEnc = () => cbc(this.enc, this.iv).encrypt(this.pt, this.ct);
+  aesDec = () => cbc(this.enc, this.iv).decrypt(this.ct, this.out);
+  /** HMAC from the keyed state into one reused instance, digested into a fresh tag: the cheapest noble allows. */
+  nobleMac = () => {
+    const h = (this.work = this.keyed._cloneInto(this.work));
+    h.update(this.chain);
+    h.update(this.macInput);
     const tag = new Uint8Array(MAC_LEN);
     h.digestInto(tag);
     return tag;
   };
-  const aesEnc = timed(() => cbc(enc, iv).encrypt(pt, ct), TIMED_MS / 2) * mib;
-  const aesDec = timed(() => cbc(enc, iv).decrypt(ct, out), TIMED_MS / 2) * mib;
-  const mac = timed(nobleMac, TIMED_MS / 2) * mib;
-  const seal = timed(() => {
-    cbc(enc, iv).encrypt(pt, ct);
-    nobleMac();
-  }, TIMED_MS) * mib;
-  const open = timed(() => {
-    nobleMac();
-    cbc(enc, iv).decrypt(ct, out);
-  }, TIMED_MS) * mib;
-  record(s, 'noble AES-256-CBC encrypt', aesEnc, 'MiB/s', `${MAX_PAYLOAD}-byte payload${REPEAT > 1 ? `; best of ${REPEAT} runs` : ''}; others busy ${busy.toFixed(0)}% before`);
-  record(s, 'noble AES-256-CBC decrypt', aesDec, 'MiB/s');
-  record(s, 'noble HMAC-SHA256', mac, 'MiB/s');
-  record(s, 'noble seal (encrypt + MAC)', seal, 'MiB/s');
-  record(s, 'noble open (MAC + decrypt)', open, 'MiB/s');
-  const nk = Buffer.from(mk);
-  const nativeMac = () => nodeCrypto.createHmac('sha256', nk).update(chain).update(macInput).digest();
-  const nseal = timed(() => {
-    const c = nodeCrypto.createCipheriv('aes-256-cbc', enc, iv);
-    c.update(pt);
+  nobleSeal = () => {
+    this.aesEnc();
+    this.nobleMac();
+  };
+  nobleOpen = () => {
+    this.nobleMac();
+    this.aesDec();
+  };
+  private nativeMac = () => nodeCrypto.createHmac('sha256', this.nk).update(this.chain).update(this.macInput).digest();
+  nativeSeal = () => {
+    const c = nodeCrypto.createCipheriv('aes-256-cbc', this.enc, this.iv);
+    c.update(this.pt);
     c.final();
-    nativeMac();
-  }, TIMED_MS / 2) * mib;
-  const nopen = timed(() => {
-    nativeMac();
-    const d = nodeCrypto.createDecipheriv('aes-256-cbc', enc, iv);
-    d.update(ct);
+    this.nativeMac();
+  };
+  nativeOpen = () => {
+    this.nativeMac();
+    const d = nodeCrypto.createDecipheriv('aes-256-cbc', this.enc, this.iv);
+    d.update(this.ct);
     d.final();
-  }, TIMED_MS / 2) * mib;
-  record(s, 'native seal (encrypt + MAC)', nseal, 'MiB/s');
-  record(s, 'native open (MAC + decrypt)', nopen, 'MiB/s');
+  };
+  /** MiB/s of payload for one of the functions above, run for about `ms`. */
+  rate(fn: () => void, ms: number): number {
+    return timed(fn, ms) * (MAX_PAYLOAD / MiB);
+  }
+}
+
+async function ceiling(): Promise<void> {
+  const s = 'ceiling';
+  const busy = await settle();
+  const w = new FrameWork();
+  record(s, 'noble AES-256-CBC encrypt', w.rate(w.aesEnc, TIMED_MS / 2), 'MiB/s', `${MAX_PAYLOAD}-byte payload${REPEAT > 1 ? `; best of ${REPEAT} runs` : ''}; others busy ${busy.toFixed(0)}% before`);
+  record(s, 'noble AES-256-CBC decrypt', w.rate(w.aesDec, TIMED_MS / 2), 'MiB/s');
+  record(s, 'noble HMAC-SHA256', w.rate(w.nobleMac, TIMED_MS / 2), 'MiB/s');
+  record(s, 'noble seal (encrypt + MAC)', w.rate(w.nobleSeal, TIMED_MS), 'MiB/s');
+  record(s, 'noble open (MAC + decrypt)', w.rate(w.nobleOpen, TIMED_MS), 'MiB/s');
+  record(s, 'native seal (encrypt + MAC)', w.rate(w.nativeSeal, TIMED_MS / 2), 'MiB/s');
+  record(s, 'native open (MAC + decrypt)', w.rate(w.nativeOpen, TIMED_MS / 2), 'MiB/s');
+}
+
+/**
+ * Tunnel vs ceiling, paired in time: `segments` transfers of `segBytes`, each right after a short measurement of the
+ * ceiling (the slower of seal and open). On a shared machine the load drifts over a long run; each pair sees about
+ * the same load, so the ratio of a pair is fairer than the ratio of two figures taken minutes apart.
+ */
+async function pairedRatio(engine: EngineName, segments: number, segBytes: number): Promise<void> {
+  const sink = new Target('count');
+  let pair: Pair | null = null;
+  const w = new FrameWork();
+  const ratios: number[] = [];
+  const rates: number[] = [];
+  try {
+    pair = await vpnPair(sink.port, engine);
+    await transfer(pair.entry, sink, Math.min(segBytes, 8 * MiB), []); // warm-up
+    for (let i = 0; i < segments; i++) {
+      const ms = engine === 'noble' ? 600 : 300;
+      const ceil = engine === 'noble' ? Math.min(w.rate(w.nobleSeal, ms), w.rate(w.nobleOpen, ms)) : Math.min(w.rate(w.nativeSeal, ms), w.rate(w.nativeOpen, ms));
+      const t = await transfer(pair.entry, sink, segBytes, []);
+      rates.push(t.mibps);
+      ratios.push(t.mibps / ceil);
+    }
+  } finally {
+    await pair?.stop();
+    sink.stop();
+  }
+  const sorted = [...ratios].sort((a, b) => a - b);
+  const median = sorted[Math.floor(sorted.length / 2)]!;
+  record('tunnel', `tunnel ${engine} / ceiling, paired (median of ${segments})`, median, 'ratio', `${segments} × ${segBytes / MiB} MiB, each after its own ceiling measurement; pairs ${ratios.map((r) => r.toFixed(2)).join(' ')}; tunnel ${rates.map((r) => r.toFixed(0)).join(' ')} MiB/s`);
+  extra[`paired ${engine}`] = { ratios, rates };
 }
 
 // ---- 2–4. throughput ----
@@ -905,6 +947,7 @@ function computeRatios(): Ratio[] {
   const spiped = get('spiped', 'spiped pair');
   // The pipeline runs at the pace of its slower end: the ceiling is the slower of seal and open.
   add('noble tunnel / noble ceiling (slower of seal, open)', div(noble, nobleCeil), 0.85);
+  add('noble tunnel / ceiling, paired in time (median)', get('tunnel', `tunnel noble / ceiling, paired (median of ${QUICK ? 3 : 6})`), 0.85);
   // The same, per CPU second actually spent: robust to other load on the machine.
   const nt = extra['tunnel noble'] as { mibps: number; clientCpuPct: number; serverCpuPct: number } | undefined;
   const sealC = get('ceiling', 'noble seal (encrypt + MAC)');
@@ -914,6 +957,7 @@ function computeRatios(): Ratio[] {
     add('noble server: MiB per CPU second / open ceiling', div(nt.mibps / (nt.serverCpuPct / 100), openC));
   }
   add('native tunnel / native ceiling (slower of seal, open)', div(native, nativeCeil));
+  add('native tunnel / ceiling, paired in time (median)', get('tunnel', `tunnel native / ceiling, paired (median of ${QUICK ? 3 : 6})`));
   add('native tunnel / spiped pair', div(native, spiped), 1.5);
   add('noble tunnel / spiped pair', div(noble, spiped));
   add('native tunnel / raw loopback', div(native, get('raw', 'raw loopback')));
@@ -968,7 +1012,9 @@ try {
   if (run('ceiling')) await ceiling();
   if (run('tunnel')) {
     await throughputOf('tunnel noble', (t) => vpnPair(t, 'noble'), bytes);
+    await pairedRatio('noble', QUICK ? 3 : 6, Math.min(64, Math.max(8, MIB / 8)) * MiB);
     await throughputOf('tunnel native', (t) => vpnPair(t, 'native'), bytes);
+    await pairedRatio('native', QUICK ? 3 : 6, Math.min(256, Math.max(16, MIB / 2)) * MiB);
   }
   if (run('spiped')) {
     if (SPIPED) await throughputOf('spiped pair', (t) => spipedPair(t), bytes);
