@@ -13,7 +13,7 @@
  * The 1 GiB soak runs with VPN_SOAK_1G=1.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'bun:test';
-import { fdCount, keygen, random, rssKiB, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+import { fdCount, keygen, random, rssKiB, sha256, tempDir, until, VPN as VPN_PATH, VpnProcess } from './helpers.ts';
 import {
   feedQuietly,
   HashSink,
@@ -186,6 +186,37 @@ describe('a man in the middle during the data phase', () => {
       });
     }
   }
+});
+
+describe('a man in the middle while the receiver is held back', () => {
+  test('a flipped bit 1 MiB in, behind a stdout reader that stalls for 2 s: connect still exits 4 with a strict prefix written', async () => {
+    // A real shell pipe whose reader sleeps first (a Bun subprocess pipe would be read eagerly), so connect has to
+    // pause its tunnel socket with the tampered frame somewhere behind it: in the kernel or in held reads.
+    using tmp = tempDir();
+    const outPath = `${tmp.path}/out`;
+    const fromServer = random(6 * MiB);
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key], { stdin: 'pipe' });
+    const port = await srv.listeningPort();
+    using mitm = MitmProxy.start({ target: { port }, tamper: [{ dir: 's2c', at: MiB + 999, action: { kind: 'flip', bit: 3 } }] });
+    const script = `${process.execPath} ${JSON.stringify(VPN_PATH)} connect 127.0.0.1:${mitm.port} --key ${JSON.stringify(key)} < /dev/null | { sleep 2; cat > ${JSON.stringify(outPath)}; }; exit \${PIPESTATUS[0]}`;
+    const cli = Bun.spawn(['bash', '-c', script], { stdout: 'ignore', stderr: 'pipe' });
+    try {
+      void feedQuietly(srv.proc, fromServer);
+      const code = await Promise.race([cli.exited, Bun.sleep(30000).then(() => -1)]);
+      const out = new Uint8Array(await Bun.file(outPath).arrayBuffer());
+      if (code !== 4) console.error(await new Response(cli.stderr).text());
+      expect(mitm.conns[0]?.fired).toBe(true);
+      expect(code).toBe(4);
+      expect(out.length).toBeGreaterThan(MiB / 2);
+      expect(isPrefix(out, fromServer, true)).toBe(true);
+      // The server may well have finished first: everything it sent was handed to TCP and both CLOSEs were
+      // exchanged (connect's stdin was empty) before connect, held back, got to the tampered frame. A sender's 0
+      // means "all sent and closed", not "verified by the peer"; it never means the peer's output was cut.
+      expect([0, 4]).toContain(await srv.exit(10000));
+    } finally {
+      cli.kill('SIGKILL');
+    }
+  });
 });
 
 // ---------------------------------------------------------------------------------------------------------------
