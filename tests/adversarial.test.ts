@@ -281,6 +281,29 @@ describe('a man in the middle during the handshake', () => {
     });
   }
 
+  // Protocol version 1 (connect --no-pfs): message 1 is 81 bytes, message 2 is 64, message 3 follows at 81.
+  const v1Fields: [Tamper['dir'], number, string][] = [
+    ['c2s', 0, 'message 1, version byte'],
+    ['c2s', 1, 'message 1, IV'],
+    ['c2s', 17, 'message 1, wrapped session key'],
+    ['c2s', 49, 'message 1, R_A'],
+    ['s2c', 0, 'message 2, R_B'],
+    ['s2c', 32, 'message 2, HMAC'],
+    ['c2s', 81, 'message 3, first byte'],
+    ['c2s', 112, 'message 3, last byte'],
+  ];
+  for (const [d, at, what] of v1Fields) {
+    test(`protocol version 1 (--no-pfs), a flipped bit in ${what}: connect exits 3 and nothing is delivered either way`, async () => {
+      using mitm = MitmProxy.start({ target: { port }, tamper: [{ dir: d, at, action: { kind: 'flip', bit: 6 } }] });
+      using cli = new VpnProcess(['connect', `127.0.0.1:${mitm.port}`, '--key', key, '--no-pfs', '--handshake-timeout', '1'], { stdin: 'pipe' });
+      void feedQuietly(cli.proc, random(64 << 10));
+      expect(await cli.exit(15000)).toBe(3);
+      expect(await cli.stdoutBytes).toHaveLength(0);
+      expect(mitm.conns[0]?.fired).toBe(true);
+      expect(srv.stderr).not.toContain('session opened');
+    });
+  }
+
   test('a downgrade to protocol version 1 (version byte rewritten, E_C cut off): connect exits 3 and nothing is delivered', async () => {
     const downgrade = (m1: Uint8Array) => new Uint8Array([0x01, ...m1.subarray(1, 81)]); // a well-formed v1 message 1
     using mitm = MitmProxy.start({ target: { port }, tamper: [{ dir: 'c2s', at: 0, action: { kind: 'rewrite', n: V2_MSG1.len, fn: downgrade } }] });
