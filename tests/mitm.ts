@@ -3,10 +3,13 @@
  *
  * - `StreamEditor` and `MitmProxy`: a man-in-the-middle TCP proxy placed between `connect` and `serve` that, in
  *   either direction, at a chosen byte offset (or at the first frame boundary after it), flips one bit, drops,
- *   duplicates or swaps bytes or whole frames, injects bytes, ends the direction with a forged FIN, or resets the
- *   connection. It can also record the first bytes of each direction (to replay a real message 1 later).
- * - Junk: a TLS ClientHello, an HTTP request, bare length prefixes, random bytes.
- * - `Netns`: two network namespaces joined by a veth pair, with `tc … netem` impairment, removed on dispose.
+ *   duplicates, swaps or rewrites bytes or whole frames, injects bytes, ends the direction with a forged FIN,
+ *   black-holes it, or resets the connection. It can also record the first bytes of each direction (to replay a
+ *   real message 1 later).
+ * - Junk: a TLS ClientHello, an HTTP request, bare length prefixes, random bytes; `RawClient` to throw it.
+ * - `Netns`: two network namespaces joined by one link with `delay`/`loss` impairment — a veth pair with
+ *   `tc … netem`, or, on kernels without netem, a TUN pair joined by a user-space relay (`netem-relay` below) —
+ *   removed on dispose.
  * - `PatternSource` / `HashSink`: a stream of random-looking bytes of any length (a 1 MiB random block with a
  *   counter mixed in) and an incremental SHA-256, so a 1 GiB soak never holds 1 GiB in memory.
  * - `Proc`: a spawned command with its stderr collected, for processes `VpnProcess` cannot start (inside a namespace).
