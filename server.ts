@@ -14,7 +14,7 @@ export type SocketData = { session?: Session };
 /** One line for the end of a session: a failed handshake (rate-limited per address), or the closed session's figures. */
 export function logSessionEnd(session: Session, err: VpnError | null): void {
   const peer = session.peer;
-  if (session.version === 0 && err) {
+  if (!session.opened && err) {
     const host = peer.replace(/:\d+$/, '');
     log.limited('error', `handshake failed|${host}|${err.code}`, `handshake failed ${peer}: ${err.message}`);
     return;

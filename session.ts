@@ -26,6 +26,8 @@ import {
 // ---- Tuning constants (not part of the protocol) ----
 /** Above this many queued outbound bytes, `write` asks the source to pause; it resumes once the queue is empty. */
 export const HIGH_WATER = 256 * 1024;
+/** After a clean end, how long to wait for the peer's FIN before closing the socket anyway. */
+const LINGER_MS = 2000;
 /** Largest CONFIG record accepted (§8). */
 export const MAX_CONFIG = 4096;
 /** Bytes the handshake may buffer before it has keys: message 1 (or 2) plus message 3 plus one pipelined frame. */
@@ -202,6 +204,9 @@ export class Session {
   private held: Uint8Array[] = [];
   private heldBytes = 0;
   private endPending = false;
+  private lingerTimer?: ReturnType<typeof setTimeout>;
+  /** true once both CONFIG records are exchanged: the session really opened */
+  opened = false;
   private closePending: { err?: Error } | null = null;
   private wantWritable = false;
   private tcpEnded = false;
@@ -291,7 +296,10 @@ export class Session {
 
   onSocketEnd(): void {
     this.tcpEnded = true;
-    if (this.phase === 'done') return;
+    if (this.phase === 'done') {
+      this.closeSocket(); // the peer's FIN after our clean end: now close for good
+      return;
+    }
     if (this.held.length > 0) {
       this.endPending = true; // held bytes come first: they may hold the CLOSE
       return;
@@ -314,7 +322,10 @@ export class Session {
   }
 
   onSocketClose(err?: Error): void {
-    if (this.phase === 'done') return;
+    if (this.phase === 'done') {
+      clearTimeout(this.lingerTimer);
+      return;
+    }
     if (this.held.length > 0) {
       this.closePending = { err };
       return;
@@ -462,7 +473,7 @@ export class Session {
         // A refusal the client can explain to its user: {"error": "..."} then CLOSE.
         const refusal = { error: answer.message, code: answer.code };
         this.sendRecord(RECORD.CONFIG, new TextEncoder().encode(JSON.stringify(refusal)));
-        this.finish(answer);
+        this.finish(answer, true);
         return;
       }
       this.sendRecord(RECORD.CONFIG, new TextEncoder().encode(JSON.stringify(answer)));
@@ -473,6 +484,7 @@ export class Session {
     }
     clearTimeout(this.hsTimer);
     this.phase = 'open';
+    this.opened = true;
     this.lastRecv = Date.now();
     if (this.o.keepaliveMs > 0) this.kaTimer = setInterval(this.keepalive, Math.max(50, this.o.keepaliveMs / 4));
     this.app.onOpen(this, peer);
@@ -570,20 +582,38 @@ export class Session {
   }
 
   /** End the session now: `null` for a clean end, else the reason. Idempotent. */
-  finish(err: VpnError | null): void {
+  finish(err: VpnError | null, refused = false): void {
     if (this.phase === 'done') return;
     this.phase = 'done';
     clearTimeout(this.hsTimer);
     clearInterval(this.kaTimer);
     this.hsBuf = new Uint8Array(0);
     this.out.sendGathered(false); // a refusal or CLOSE gathered in this very call goes out before the end
+    if (err && !refused) {
+      this.closeSocket();
+    } else {
+      // A clean end (or a refusal the client should read): half-close and keep reading until the peer's FIN, since
+      // closing with unread input makes the kernel send RST, and an RST makes the peer's kernel throw away
+      // whatever it has not read yet — possibly our last frames. Closed for good on the FIN or after LINGER_MS.
+      try {
+        this.socket.shutdown();
+        if (this.pausedIn) this.socket.resume();
+      } catch {
+        // already closed
+      }
+      this.lingerTimer = setTimeout(() => this.closeSocket(), LINGER_MS);
+      this.lingerTimer.unref?.();
+    }
+    this.app.onEnd(err);
+  }
+
+  private closeSocket(): void {
+    clearTimeout(this.lingerTimer);
     try {
-      if (err) this.socket.end();
-      else this.socket.end();
+      this.socket.end();
     } catch {
       // already closed
     }
-    this.app.onEnd(err);
   }
 }
 

@@ -670,7 +670,7 @@ export async function serveTun(s: Settings, listen: Address): Promise<number> {
             if (err) log.warn(line);
             else log.info(line);
             addr = null;
-          } else if (err && session.version === 0) {
+          } else if (err && !session.opened) {
             logHandshakeFailure(session.peer, err);
           } else if (err) {
             log.warn(`refused client ${session.peer}: ${err.message}`);
