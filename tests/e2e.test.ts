@@ -153,9 +153,15 @@ describe('usage', () => {
 
 describe('terminal chat (a real pty through script(1))', () => {
   /** Run `connect` on a pseudo-terminal; `typed` is what a user types, one [delay ms, text] at a time. */
-  async function chatClient(port: number, key: string, extra: string[], typed: [number, string][]) {
-    const cmd = ['bun', 'vpn.ts', 'connect', `127.0.0.1:${port}`, '--key', key, ...extra].join(' ');
-    const p = Bun.spawn(['script', '-qfec', cmd, '/dev/null'], { stdin: 'pipe', stdout: 'pipe', stderr: 'pipe', cwd: join(import.meta.dir, '..') });
+  async function chatClient(port: number, key: string, extra: string[], typed: [number, string][], env: Record<string, string> = {}) {
+    const cmd = ['bun', 'vpn.ts', 'connect', `127.0.0.1:${port}`, ...(key ? ['--key', key] : []), ...extra].join(' ');
+    const p = Bun.spawn(['script', '-qfec', cmd, '/dev/null'], {
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      cwd: join(import.meta.dir, '..'),
+      env: { ...process.env, ...env },
+    });
     const out = new Response(p.stdout).text();
     for (const [ms, text] of typed) {
       await Bun.sleep(ms);
@@ -184,6 +190,19 @@ describe('terminal chat (a real pty through script(1))', () => {
     expect(chat.out).toContain('peer> hello from server');
     expect(new TextDecoder().decode(await srv.stdoutBytes)).toBe('hi there\n');
     expect(await srv.exit()).toBe(0);
+  });
+
+  test('with no other secret on a terminal, the passphrase is prompted for without echo', async () => {
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once'], { stdin: 'pipe', env: { VPN_SECRET: 'typed at the prompt' } });
+    const port = await srv.listeningPort();
+    const pending = chatClient(port, '', [], [[800, 'typed at the prompt\r'], [2500, 'after the prompt\n'], [500, '\n']], { VPN_SECRET: '' });
+    await Bun.sleep(5000);
+    await (srv.proc.stdin as import('bun').FileSink).end();
+    const r = await pending;
+    expect(r.out).toContain('passphrase: ');
+    expect(r.out).not.toContain('typed at the prompt'); // no echo
+    expect(r.code).toBe(0);
+    expect(new TextDecoder().decode(await srv.stdoutBytes)).toBe('after the prompt\n');
   });
 
   test('--step with -v waits for Enter before each handshake message', async () => {
