@@ -77,7 +77,14 @@ export const nobleEngine: Engine = {
     return cbc(key, iv, { disablePadding: !pad }).encrypt(plaintext, usable(out, len) ? out : undefined);
   },
   decryptCbc(key, iv, ciphertext, pad, out) {
-    return cbc(key, iv, { disablePadding: !pad }).decrypt(ciphertext, usable(out, ciphertext.length) ? out : undefined);
+    let src = ciphertext;
+    let dst = usable(out, ciphertext.length) ? out : undefined;
+    if (dst === undefined && ciphertext.byteOffset % 4 !== 0) {
+      // noble would copy a misaligned input, allocate the output and wipe the copy: copy once and decrypt in place.
+      src = ciphertext.slice();
+      dst = src;
+    }
+    return cbc(key, iv, { disablePadding: !pad }).decrypt(src, dst);
   },
   mac(key) {
     const keyed = hmac.create(sha256, key);
