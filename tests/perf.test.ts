@@ -45,6 +45,11 @@ describe('engines: output buffers', () => {
     const odd = new Uint8Array(ct.length + 1).subarray(1); // byteOffset 1: noble cannot write there
     expect(hex(e.decryptCbc(key, iv, ct, true, odd))).toBe(hex(pt));
     expect(hex(e.decryptCbc(key, iv, ct, true, new Uint8Array(5)))).toBe(hex(pt));
+    // A misaligned input (a frame somewhere inside a socket chunk) decrypts correctly and is left as it was.
+    const shifted = new Uint8Array(ct.length + 3).subarray(3);
+    shifted.set(ct);
+    expect(hex(e.decryptCbc(key, iv, shifted, true))).toBe(hex(pt));
+    expect(hex(shifted)).toBe(hex(ct));
   });
 
   test.each(EACH_ENGINE)('decryptCbc refuses a ciphertext that is not whole blocks, and an empty one with padding (%s)', (_n, e) => {
@@ -72,6 +77,19 @@ describe('engines: output buffers', () => {
 });
 
 describe('frames', () => {
+  test.each(EACH_ENGINE)('a receiver fed Buffer chunks (as Bun delivers them) opens every record and leaves the chunks untouched (%s)', (_n, e) => {
+    const keys = dirKeys();
+    const tx = new ChannelSender(e, keys);
+    const rx = new ChannelReceiver(e, keys);
+    const sent = [rand(MAX_PAYLOAD), rand(3), rand(40_000)];
+    const stream = Buffer.concat(sent.map((p) => tx.seal(RECORD.DATA, p)));
+    const copy = Buffer.from(stream);
+    const got: Uint8Array[] = [];
+    for (let off = 0; off < stream.length; off += 50_001) rx.push(stream.subarray(off, off + 50_001), (_t, p) => got.push(p.slice()));
+    expect(got.map(sha256)).toEqual(sent.map(sha256));
+    expect(stream.equals(copy)).toBe(true);
+  });
+
   test.each(EACH_ENGINE)('a frame is the same bytes whatever the payload offset in its buffer, and opens with either engine (%s)', (_n, e) => {
     const keys = dirKeys();
     const iv = rand(16);
