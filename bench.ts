@@ -5,13 +5,14 @@
  *   bun run bench                   512 MiB per throughput figure (BENCH_MIB or --mib N to change)
  *   bun run bench --quick           64 MiB and shorter timed loops
  *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers
- *   bun run bench --repeat 3        each throughput figure is the best of 3 transfers (BENCH_REPEAT)
+ *   bun run bench --repeat 3        each throughput and ceiling figure is the best of 3 runs (BENCH_REPEAT)
  *   bun run bench --settle 30       before each timed figure wait up to 30 s for idle CPUs (BENCH_SETTLE)
  *
  * Sections (issue #6):
  *   1. ceiling    noble (and native) seal = AES-256-CBC encrypt + HMAC-SHA256 chain, open = HMAC + decrypt, on frames
  *                 of MAX_PAYLOAD bytes: the primitives alone, called the cheapest way each library allows.
- *   2. tunnel     N MiB: source → `connect --local` → `serve --forward` → sink, noble and native.
+ *   2. tunnel     N MiB: source → `connect --local` → `serve --forward` → sink, noble and native; then the
+ *                 tunnel/ceiling ratio again, as a median over segments each measured right after its own ceiling.
  *   3. spiped     the same through `spiped -e` → `spiped -d` (absent when spiped is not installed).
  *   4. raw        source → sink directly: the harness's own ceiling.
  *   5. handshake  connections per second, one at a time and 8 at once, each a full open → 1-byte echo → close
