@@ -125,7 +125,8 @@ export class VpnProcess {
 export async function feedStdin(p: VpnProcess, data: Uint8Array, chunk = 1 << 16): Promise<void> {
   const sink = p.proc.stdin as import('bun').FileSink;
   for (let off = 0; off < data.length; off += chunk) {
-    sink.write(data.subarray(off, Math.min(off + chunk, data.length)));
+    const w = sink.write(data.subarray(off, Math.min(off + chunk, data.length)));
+    if (w instanceof Promise) await w; // never leave a write's rejection unhandled
     await sink.flush();
   }
   await sink.end();

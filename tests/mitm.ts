@@ -780,7 +780,10 @@ export async function feedQuietly(
   try {
     for (let off = 0; off < data.length; off += chunk) {
       if (proc.exitCode !== null || proc.signalCode !== null) return;
-      sink.write(data.subarray(off, Math.min(off + chunk, data.length)));
+      // A write that cannot complete at once returns a promise: await it, or its EPIPE becomes an unhandled
+      // rejection that bun test pins on whichever test runs next.
+      const w = sink.write(data.subarray(off, Math.min(off + chunk, data.length)));
+      if (w instanceof Promise) await w;
       await sink.flush();
       o.onProgress?.(Math.min(off + chunk, data.length));
     }
