@@ -84,6 +84,12 @@ keeps listening; each session's bytes go to stdout and come from stdin.
 ${SECRET_HELP}
 
 ${COMMON_HELP}
+
+Examples:
+  bun vpn.ts serve --key vpn.key                          chat with one client at a time
+  bun vpn.ts serve --key vpn.key --once > file            receive one file, then exit
+  bun vpn.ts serve --listen 0.0.0.0:32694 --forward 127.0.0.1:5432 --key vpn.key
+                                                          expose a local service to tunnel clients
 `;
 
 const USAGE_CONNECT = `Usage: bun vpn.ts connect [HOST:PORT] [--key PATH | --secret TEXT] [options]
@@ -106,6 +112,12 @@ line chat; otherwise stdin goes to the peer and the peer's bytes to stdout.
 ${SECRET_HELP}
 
 ${COMMON_HELP}
+
+Examples:
+  bun vpn.ts connect --key vpn.key                        chat with a server on 127.0.0.1:32694
+  tar c dir | bun vpn.ts connect host:32694 --key vpn.key send bytes, like nc
+  bun vpn.ts connect host:32694 --local 15432 --key vpn.key
+                                                          reach the server's --forward target on 127.0.0.1:15432
 `;
 
 const USAGE_KEYGEN = `Usage: bun vpn.ts keygen PATH
