@@ -34,7 +34,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { BLOCK, HEADER_LEN, LEN_LEN, MAX_PAYLOAD, TYPE_LEN } from './channel.ts';
+import { BLOCK, HEADER_LEN, MAX_PAYLOAD, TYPE_LEN } from './channel.ts';
 import { MAC_LEN } from './engine.ts';
 
 // ---- command line ----

@@ -32,7 +32,6 @@ export class Bridge implements SessionApp {
   tcp: Socket<TcpData> | null = null;
   private toTcp: WriteQueue | null = null;
   private pending: Uint8Array[] = [];
-  private pendingBytes = 0;
   private peerClosed = false;
   private tcpShut = false;
   private tcpReadDone = false;
@@ -56,7 +55,6 @@ export class Bridge implements SessionApp {
     this.toTcp = new WriteQueue(tcp, () => this.onTcpDrain());
     for (const p of this.pending) this.toTcp.write(p);
     this.pending = [];
-    this.pendingBytes = 0;
     if (this.ended) {
       tcp.terminate();
       return;
@@ -81,7 +79,6 @@ export class Bridge implements SessionApp {
     if (this.tcpReadDone && this.tcpShut) return;
     if (!this.toTcp) {
       this.pending.push(payload);
-      this.pendingBytes += payload.length;
       this.session?.pauseInbound();
       return;
     }
@@ -177,11 +174,6 @@ export class Bridge implements SessionApp {
       }
     }
     this.onDone?.(err);
-  }
-
-  /** Bytes this bridge holds right now (both queues), for tests and the memory bound. */
-  get buffered(): number {
-    return this.pendingBytes + (this.toTcp?.queued ?? 0) + (this.session?.queued ?? 0);
   }
 }
 
@@ -280,7 +272,6 @@ export async function connectLocal(base: Base, o: LocalClientOptions): Promise<n
       const bridge = new Bridge();
       bridges.add(bridge);
       bridge.attachTcp(local);
-      local.pause();
       let session: Session | null = null;
       bridge.onDone = (err) => {
         bridges.delete(bridge);

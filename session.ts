@@ -202,14 +202,12 @@ export class Session {
   private lastSend = Date.now();
   private pausedIn = false;
   private held: Uint8Array[] = [];
-  private heldBytes = 0;
   private endPending = false;
   private lingerTimer?: ReturnType<typeof setTimeout>;
   /** true once both CONFIG records are exchanged: the session really opened */
   opened = false;
   private closePending: { err?: Error } | null = null;
   private wantWritable = false;
-  private tcpEnded = false;
 
   constructor(socket: Socket<any>, o: SessionOptions, app: SessionApp) {
     this.socket = socket;
@@ -261,7 +259,6 @@ export class Session {
       // Bun may deliver reads that were already under way when pause() was called: hold them, unprocessed,
       // and re-assert the pause. They are processed, in order, on resume.
       this.held.push(chunk);
-      this.heldBytes += chunk.length;
       this.socket.pause();
       return;
     }
@@ -295,7 +292,6 @@ export class Session {
   }
 
   onSocketEnd(): void {
-    this.tcpEnded = true;
     if (this.phase === 'done') {
       this.closeSocket(); // the peer's FIN after our clean end: now close for good
       return;
@@ -555,7 +551,6 @@ export class Session {
     this.lastRecv = Date.now();
     while (this.held.length > 0 && !this.pausedIn && (this.phase as Phase) !== 'done') {
       const c = this.held.shift()!;
-      this.heldBytes -= c.length;
       this.onSocketData(c);
     }
     if (this.held.length === 0 && (this.phase as Phase) !== 'done') {

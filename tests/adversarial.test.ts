@@ -13,7 +13,7 @@
  * The 1 GiB soak runs with VPN_SOAK_1G=1.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'bun:test';
-import { fdCount, keygen, random, rssKiB, sha256, tempDir, until, VPN as VPN_PATH, VpnProcess } from './helpers.ts';
+import { fdCount, forwardPair, keygen, random, rssKiB, sha256, tempDir, until, VPN as VPN_PATH, VpnProcess } from './helpers.ts';
 import {
   feedQuietly,
   HashSink,
@@ -505,24 +505,6 @@ describe('junk at the server port', () => {
 });
 
 // ---------------------------------------------------------------------------------------------------------------
-/** `serve --forward` to `targetPort` and `connect --local` to it; both killed on dispose. */
-async function forwardRig(targetPort: number, serveArgs: string[] = []) {
-  const srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--forward', `127.0.0.1:${targetPort}`, '--key', key, ...serveArgs]);
-  const sport = await srv.listeningPort();
-  const cli = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--local', '127.0.0.1:0', '--key', key]);
-  const lport = await cli.listeningPort();
-  return {
-    srv,
-    cli,
-    sport,
-    lport,
-    [Symbol.dispose]() {
-      cli.kill('SIGKILL');
-      srv.kill('SIGKILL');
-    },
-  };
-}
-
 /** Poll the server's descriptor count until it is back at `baseline` (or below); returns the last count. */
 async function fdsBackTo(pid: number, baseline: number, ms = 8000): Promise<number> {
   await until(() => fdCount(pid) <= baseline, ms);
@@ -532,7 +514,7 @@ async function fdsBackTo(pid: number, baseline: number, ms = 8000): Promise<numb
 describe('the server stays up and bounded', () => {
   test('slowloris: 300 connections that send one byte and stall are all closed by the handshake timeout, a good client gets through meanwhile, and descriptors return to baseline', async () => {
     using echo = echoTarget();
-    using rig = await forwardRig(echo.port, ['--handshake-timeout', '2', '--max-conns', '400']);
+    using rig = await forwardPair(key, `127.0.0.1:${echo.port}`, { serve: ['--handshake-timeout', '2', '--max-conns', '400'] });
     await echoRoundTrip(rig.lport); // warm-up: the first session allocates what every later one reuses
     await Bun.sleep(300);
     const baseline = fdCount(rig.srv.pid);
@@ -562,7 +544,7 @@ describe('the server stays up and bounded', () => {
 
   test('a flood of 100 connections against --max-conns 20 is refused cleanly, three times over; descriptors and memory return to baseline', async () => {
     using echo = echoTarget();
-    using rig = await forwardRig(echo.port, ['--max-conns', '20', '--handshake-timeout', '10']);
+    using rig = await forwardPair(key, `127.0.0.1:${echo.port}`, { serve: ['--max-conns', '20', '--handshake-timeout', '10'] });
     for (let i = 0; i < 3; i++) await echoRoundTrip(rig.lport);
     await Bun.sleep(500);
     const baseFds = fdCount(rig.srv.pid);
@@ -647,7 +629,7 @@ function prefixDigest(src: PatternSource, n: number): string {
 /** Send `total` bytes through connect --local → serve --forward → hashTarget; check the digest that comes back. */
 async function soak(total: number, ms: number): Promise<void> {
   using target = hashTarget();
-  using rig = await forwardRig(target.port);
+  using rig = await forwardPair(key, `127.0.0.1:${target.port}`);
   const src = new PatternSource(total);
   const c = await RawClient.connect(rig.lport);
   const peak = { srv: 0, cli: 0 };
@@ -689,7 +671,7 @@ describe('long transfers and dead peers', () => {
 
   test('a --local client killed with SIGKILL mid-transfer: the server logs a truncation, resets the target, delivered only a prefix, keeps serving, and its descriptors return to baseline', async () => {
     using target = hashTarget();
-    using rig = await forwardRig(target.port);
+    using rig = await forwardPair(key, `127.0.0.1:${target.port}`);
     const warm = await RawClient.connect(rig.lport);
     await warm.sendStream(new PatternSource(64 << 10));
     await warm.closed(10000);

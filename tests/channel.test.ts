@@ -19,6 +19,7 @@ import {
 import { type Engine, nativeEngine, nobleEngine } from '../engine.ts';
 import { type ErrorCode, VpnError } from '../errors.ts';
 import { ClientHandshake, type DirectionKeys, keysFromKeyFile, ServerHandshake, VERSION_2 } from '../handshake.ts';
+import { spied } from './helpers.ts';
 
 const ENGINES: readonly Engine[] = [nobleEngine, nativeEngine];
 const EACH_ENGINE = ENGINES.map((e) => [e.name, e] as const);
@@ -38,19 +39,6 @@ function prng(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
-}
-
-/** An engine that counts decryptCbc calls: proves a frame was refused before anything was decrypted. */
-function spied(e: Engine): { engine: Engine; decrypts: () => number } {
-  let n = 0;
-  const engine: Engine = {
-    ...e,
-    decryptCbc(key, iv, ct, pad) {
-      n++;
-      return e.decryptCbc(key, iv, ct, pad);
-    },
-  };
-  return { engine, decrypts: () => n };
 }
 
 /** A sender and a spied receiver sharing one direction's keys. */

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'bun:test';
 import type { Socket, TCPSocketListener } from 'bun';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { keygen, random, rssKiB, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+import { forwardPair, keygen, random, rssKiB, sha256, tempDir, until, VpnProcess } from './helpers.ts';
 
 const dir = tempDir();
 let key = '';
@@ -16,24 +16,6 @@ beforeAll(async () => {
   wrongKey = await keygen(dir.path, 'wrong');
 });
 afterAll(() => dir[Symbol.dispose]());
-
-/** A forward pair: server forwarding to `target`, client listening on a free local port. */
-async function forwardPair(target: string, serveExtra: string[] = [], connectExtra: string[] = [], clientKey?: string) {
-  const srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', target, ...serveExtra]);
-  const sport = await srv.listeningPort();
-  const cli = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--key', clientKey ?? key, '--local', '127.0.0.1:0', ...connectExtra]);
-  const lport = await cli.listeningPort();
-  return {
-    srv,
-    cli,
-    sport,
-    lport,
-    [Symbol.dispose]() {
-      srv.kill('SIGKILL');
-      cli.kill('SIGKILL');
-    },
-  };
-}
 
 /** Read everything a TCP connection sends until it closes; optionally send `request` and half-close first. */
 async function exchange(port: number, request: Uint8Array, halfClose = true): Promise<{ data: Uint8Array; error: boolean }> {
@@ -92,7 +74,7 @@ describe('forward through real HTTP', () => {
   afterAll(() => http.stop(true));
 
   test('curl downloads a 32 MiB body intact, and 50 concurrent requests all succeed', async () => {
-    using pair = await forwardPair(`127.0.0.1:${http.port}`);
+    using pair = await forwardPair(key, `127.0.0.1:${http.port}`);
     const out = join(dir.path, 'big.out');
     const curl = Bun.spawn(['curl', '-sS', '--fail', '-o', out, `http://127.0.0.1:${pair.lport}/big`]);
     expect(await curl.exited).toBe(0);
@@ -133,7 +115,7 @@ describe('half-close and ends', () => {
       },
       drain: (s) => (s as any).pump?.(),
     });
-    using pair = await forwardPair(`127.0.0.1:${target.port}`);
+    using pair = await forwardPair(key, `127.0.0.1:${target.port}`);
     const request = random(100_000);
     const r = await exchange(pair.lport, request);
     expect(got).toBe(request.length);
@@ -188,7 +170,7 @@ describe('backpressure', () => {
       },
       end: (s) => void s.end(),
     });
-    using pair = await forwardPair(`127.0.0.1:${target.port}`);
+    using pair = await forwardPair(key, `127.0.0.1:${target.port}`);
 
     // The source: 1 MiB of random bytes repeated with a counter, hashed as it goes.
     const block = random(1 << 20);
@@ -234,7 +216,7 @@ describe('a server stays up whatever clients do', () => {
   test('a wrong key closes that local connection, the listener keeps working, and the target never sees a connection', async () => {
     let targetConns = 0;
     const target = tcpServer({ open: () => void targetConns++, data: (s, d) => void s.write(d), end: (s) => void s.end() });
-    using pair = await forwardPair(`127.0.0.1:${target.port}`, [], [], wrongKey);
+    using pair = await forwardPair(key, `127.0.0.1:${target.port}`, { clientKey: wrongKey });
     const r = await exchange(pair.lport, new TextEncoder().encode('secret request'));
     expect(r.data.length).toBe(0);
     await pair.cli.waitFor(/handshake failed .*failed verification/);
@@ -250,7 +232,7 @@ describe('a server stays up whatever clients do', () => {
   test('--max-conns refuses with a log line, and serving resumes when sessions end', async () => {
     const held: Socket<any>[] = [];
     const target = tcpServer({ open: (s) => void held.push(s), data: (s, d) => void s.write(d), end: (s) => void s.end() });
-    using pair = await forwardPair(`127.0.0.1:${target.port}`, ['--max-conns', '2']);
+    using pair = await forwardPair(key, `127.0.0.1:${target.port}`, { serve: ['--max-conns', '2'] });
     const open: Socket<any>[] = [];
     for (let i = 0; i < 2; i++) {
       open.push(await Bun.connect({ hostname: '127.0.0.1', port: pair.lport, socket: { data() {} } }));
@@ -282,7 +264,7 @@ describe('a server stays up whatever clients do', () => {
 
   test('keepalive closes a session whose peer stops answering (SIGSTOP)', async () => {
     const target = tcpServer({ data: (s, d) => void s.write(d), end: (s) => void s.end() });
-    using pair = await forwardPair(`127.0.0.1:${target.port}`, ['--keepalive', '1'], ['--keepalive', '1']);
+    using pair = await forwardPair(key, `127.0.0.1:${target.port}`, { serve: ['--keepalive', '1'], connect: ['--keepalive', '1'] });
     const sock = await Bun.connect({ hostname: '127.0.0.1', port: pair.lport, socket: { data() {} } });
     sock.write('hello');
     await pair.srv.waitFor(/session opened/);
@@ -300,7 +282,7 @@ describe('a server stays up whatever clients do', () => {
 describe('graceful shutdown and PROXY protocol', () => {
   test('SIGTERM with sessions open sends CLOSE, the peers see a clean end, and the server exits 0', async () => {
     const target = tcpServer({ data: (s, d) => void s.write(d), end: (s) => void s.end() });
-    using pair = await forwardPair(`127.0.0.1:${target.port}`);
+    using pair = await forwardPair(key, `127.0.0.1:${target.port}`);
     const ends: Promise<{ ended: boolean; error: boolean }>[] = [];
     for (let i = 0; i < 3; i++) {
       const r = Promise.withResolvers<{ ended: boolean; error: boolean }>();
@@ -335,7 +317,7 @@ describe('graceful shutdown and PROXY protocol', () => {
   test('the target receives a PROXY v1 header with the tunnel client address and port', async () => {
     const first = Promise.withResolvers<string>();
     const target = tcpServer({ data: (_s, d) => first.resolve(new TextDecoder().decode(d)) });
-    using pair = await forwardPair(`127.0.0.1:${target.port}`, ['--proxy-protocol']);
+    using pair = await forwardPair(key, `127.0.0.1:${target.port}`, { serve: ['--proxy-protocol'] });
     const s = await Bun.connect({ hostname: '127.0.0.1', port: pair.lport, socket: { data() {} } });
     s.write('after the header');
     let text = await first.promise;

@@ -28,6 +28,7 @@ import {
   VERSION_1,
   VERSION_2,
 } from '../handshake.ts';
+import { spied } from './helpers.ts';
 
 const ENGINES: readonly Engine[] = [nobleEngine, nativeEngine];
 const VERSIONS = [VERSION_1, VERSION_2] as const;
@@ -78,19 +79,6 @@ function replaying(draws: Uint8Array[]): RandomSource {
     if (!d || d.length !== n) throw new Error('replaying source out of step');
     return d.slice();
   };
-}
-
-/** An engine that counts decryptCbc calls, to show when the server unwraps the session key. */
-function spied(e: Engine): { engine: Engine; decrypts: () => number } {
-  let n = 0;
-  const engine: Engine = {
-    ...e,
-    decryptCbc(key, iv, ct, pad) {
-      n++;
-      return e.decryptCbc(key, iv, ct, pad);
-    },
-  };
-  return { engine, decrypts: () => n };
 }
 
 /** One honest handshake; returns both sides and the three messages. */

@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Subprocess } from 'bun';
+import type { Engine } from '../engine.ts';
 
 export const ROOT = join(import.meta.dir, '..');
 export const VPN = join(ROOT, 'vpn.ts');
@@ -33,15 +34,21 @@ export async function keygen(dir: string, name = 'key'): Promise<string> {
   return path;
 }
 
-/** A spawned vpn process whose stderr is collected line by line. */
-export class VpnProcess {
+export type SpawnOptions = { stdin?: 'pipe' | 'ignore'; env?: Record<string, string>; cwd?: string };
+
+/**
+ * A spawned command whose stdout is collected as bytes and stderr as text, with waits on its log lines. Used for
+ * `bun vpn.ts …` (VpnProcess) and for commands VpnProcess cannot start (`ip netns exec …`, relays, HTTP servers).
+ */
+export class Proc {
   readonly proc: Subprocess<'pipe' | 'ignore', 'pipe', 'pipe'>;
   stderr = '';
   private waiters: { re: RegExp; resolve: (m: RegExpMatchArray) => void }[] = [];
   readonly stdoutBytes: Promise<Uint8Array>;
+  private readonly stderrDone: Promise<void>;
 
-  constructor(args: string[], opts: { stdin?: 'pipe' | 'ignore'; env?: Record<string, string>; cwd?: string } = {}) {
-    this.proc = Bun.spawn(['bun', VPN, ...args], {
+  constructor(cmd: string[], opts: SpawnOptions = {}) {
+    this.proc = Bun.spawn(cmd, {
       stdin: opts.stdin ?? 'ignore',
       stdout: 'pipe',
       stderr: 'pipe',
@@ -49,7 +56,7 @@ export class VpnProcess {
       cwd: opts.cwd ?? ROOT,
     }) as Subprocess<'pipe' | 'ignore', 'pipe', 'pipe'>;
     this.stdoutBytes = new Response(this.proc.stdout).arrayBuffer().then((b) => new Uint8Array(b));
-    void this.readStderr();
+    this.stderrDone = this.readStderr();
   }
 
   private async readStderr(): Promise<void> {
@@ -75,12 +82,11 @@ export class VpnProcess {
     const { promise, resolve, reject } = Promise.withResolvers<RegExpMatchArray>();
     this.waiters.push({ re, resolve });
     const t = setTimeout(() => reject(new Error(`timed out waiting for ${re} in stderr:\n${this.stderr}`)), ms);
-    void this.proc.exited.then(() =>
-      setTimeout(() => {
-        this.check();
-        reject(new Error(`process exited (${this.proc.exitCode}) before ${re} appeared in stderr:\n${this.stderr}`));
-      }, 200),
-    );
+    void this.proc.exited.then(async () => {
+      await Promise.race([this.stderrDone, Bun.sleep(2000)]);
+      this.check();
+      reject(new Error(`process exited (${this.proc.exitCode}) before ${re} appeared in stderr:\n${this.stderr}`));
+    });
     try {
       return await promise;
     } finally {
@@ -94,11 +100,13 @@ export class VpnProcess {
     return Number(m[1]);
   }
 
-  /** Exit status, or throw after `ms`. */
+  /** Exit status (SIGKILL after `ms`), once stderr has been read to its end. */
   async exit(ms = 60000): Promise<number> {
-    const t = setTimeout(() => this.proc.kill('SIGKILL'), ms);
+    const t = setTimeout(() => this.kill('SIGKILL'), ms);
     try {
-      return await this.proc.exited;
+      const code = await this.proc.exited;
+      await Promise.race([this.stderrDone, Bun.sleep(2000)]);
+      return code;
     } finally {
       clearTimeout(t);
     }
@@ -119,6 +127,44 @@ export class VpnProcess {
   [Symbol.dispose](): void {
     this.kill('SIGKILL');
   }
+}
+
+/** `bun vpn.ts ARGS…`, spawned as a user would run it. */
+export class VpnProcess extends Proc {
+  constructor(args: string[], opts: SpawnOptions = {}) {
+    super(['bun', VPN, ...args], opts);
+  }
+}
+
+/** An engine that counts decryptCbc calls: proves when (and that never) something was decrypted. */
+export function spied(e: Engine): { engine: Engine; decrypts: () => number } {
+  let n = 0;
+  const engine: Engine = {
+    ...e,
+    decryptCbc(...args: Parameters<Engine['decryptCbc']>) {
+      n++;
+      return e.decryptCbc(...args);
+    },
+  };
+  return { engine, decrypts: () => n };
+}
+
+/** `serve --forward TARGET` and `connect --local` to it on free ports, both killed on dispose. */
+export async function forwardPair(key: string, target: string, o: { serve?: string[]; connect?: string[]; clientKey?: string } = {}) {
+  const srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', target, ...(o.serve ?? [])]);
+  const sport = await srv.listeningPort();
+  const cli = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--key', o.clientKey ?? key, '--local', '127.0.0.1:0', ...(o.connect ?? [])]);
+  const lport = await cli.listeningPort();
+  return {
+    srv,
+    cli,
+    sport,
+    lport,
+    [Symbol.dispose]() {
+      cli.kill('SIGKILL');
+      srv.kill('SIGKILL');
+    },
+  };
 }
 
 /** Write `data` to a process's stdin in chunks (respecting its pipe), then close it. */

@@ -19,7 +19,9 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import type { FileSink, Socket, Subprocess, TCPSocketListener } from 'bun';
-import { VPN } from './helpers.ts';
+import { Proc, VPN } from './helpers.ts';
+
+export { Proc };
 
 // ---- Wire layout the editor needs to find frame boundaries (PROTOCOL.md §3, §6) ----
 /** Handshake bytes before the first frame, protocol version 2 (the default): message 1 + message 3, and message 2. */
@@ -794,63 +796,6 @@ export async function feedQuietly(
 }
 
 // ---- processes and /proc ----
-
-/** A spawned command with stdout collected as bytes and stderr as text (for `ip netns exec … bun vpn.ts`). */
-export class Proc {
-  readonly proc: Subprocess<'pipe' | 'ignore', 'pipe', 'pipe'>;
-  stderr = '';
-  readonly stdoutBytes: Promise<Uint8Array>;
-  private readonly stderrDone: Promise<void>;
-
-  constructor(cmd: string[], opts: { stdin?: 'pipe' | 'ignore' } = {}) {
-    const proc = Bun.spawn(cmd, { stdin: opts.stdin ?? 'ignore', stdout: 'pipe', stderr: 'pipe' }) as Subprocess<'pipe' | 'ignore', 'pipe', 'pipe'>;
-    this.proc = proc;
-    this.stdoutBytes = new Response(proc.stdout).arrayBuffer().then((b) => new Uint8Array(b));
-    this.stderrDone = (async () => {
-      const dec = new TextDecoder();
-      for await (const c of proc.stderr) this.stderr += dec.decode(c, { stream: true });
-    })();
-  }
-
-  /** Resolve with the match once stderr matches `re`; reject after `ms` or when the process exits first. */
-  async waitFor(re: RegExp, ms = 15000): Promise<RegExpMatchArray> {
-    const end = Date.now() + ms;
-    for (;;) {
-      const m = this.stderr.match(re);
-      if (m) return m;
-      if (this.proc.exitCode !== null || this.proc.signalCode !== null) {
-        await this.stderrDone;
-        const m2 = this.stderr.match(re);
-        if (m2) return m2;
-        throw new Error(`process exited (${this.proc.exitCode}) before ${re} appeared in stderr:\n${this.stderr}`);
-      }
-      if (Date.now() > end) throw new Error(`timed out waiting for ${re} in stderr:\n${this.stderr}`);
-      await Bun.sleep(25);
-    }
-  }
-
-  /** Exit status; SIGKILL after `ms`. */
-  async exit(ms = 60000): Promise<number> {
-    const t = setTimeout(() => this.kill('SIGKILL'), ms);
-    try {
-      return await this.proc.exited;
-    } finally {
-      clearTimeout(t);
-    }
-  }
-
-  kill(sig: NodeJS.Signals | number = 'SIGTERM'): void {
-    try {
-      this.proc.kill(sig);
-    } catch {
-      // already gone
-    }
-  }
-
-  [Symbol.dispose](): void {
-    this.kill('SIGKILL');
-  }
-}
 
 // ---- network namespaces ----
 

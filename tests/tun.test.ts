@@ -9,8 +9,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Subprocess } from 'bun';
-import { ROOT, until, VPN } from './helpers.ts';
+import { Proc as BaseProc, until, VPN } from './helpers.ts';
 import {
   AddressPool,
   DEFAULT_MTU,
@@ -187,51 +186,24 @@ describe('packets and flags', () => {
 
 // ---- the command line, without a network ----
 
-class Proc {
-  readonly proc: Subprocess<'ignore', 'pipe', 'pipe'>;
-  stderr = '';
-  readonly stdout: Promise<string>;
-  private readonly stderrDone: Promise<void>;
-
+/** A Proc that the afterEach below kills if the test left it running. */
+class Proc extends BaseProc {
   constructor(argv: string[], env: Record<string, string> = {}) {
-    const proc = Bun.spawn(argv, { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', cwd: ROOT, env: { ...process.env, ...env } }) as Subprocess<'ignore', 'pipe', 'pipe'>;
-    this.proc = proc;
+    super(argv, { env });
     live.add(this);
-    this.stdout = new Response(proc.stdout).text();
-    this.stderrDone = (async () => {
-      const dec = new TextDecoder();
-      for await (const c of proc.stderr) this.stderr += dec.decode(c, { stream: true });
-    })();
   }
 
-  /** Resolve with the match once stderr matches `re`; throw after `ms` or when the process exits first. */
-  async waitFor(re: RegExp, ms = 15000): Promise<RegExpMatchArray> {
-    const ok = await until(() => re.test(this.stderr) || this.proc.exitCode !== null, ms);
-    await Bun.sleep(0);
-    const m = this.stderr.match(re);
-    if (m) return m;
-    throw new Error(`${ok ? `exited (${this.proc.exitCode})` : 'timed out'} before ${re} appeared in stderr:\n${this.stderr}`);
-  }
-
-  /** Exit status; SIGKILL after `ms`. */
-  async exit(ms = 20000): Promise<number> {
-    const t = setTimeout(() => this.kill('SIGKILL'), ms);
+  override async exit(ms = 20000): Promise<number> {
     try {
-      const code = await this.proc.exited;
-      await Promise.race([this.stderrDone, Bun.sleep(2000)]);
-      return code;
+      return await super.exit(ms);
     } finally {
-      clearTimeout(t);
       live.delete(this);
     }
   }
 
-  kill(sig: NodeJS.Signals = 'SIGTERM'): void {
-    try {
-      this.proc.kill(sig);
-    } catch {
-      // gone already
-    }
+  /** stdout as text */
+  get stdout(): Promise<string> {
+    return this.stdoutBytes.then((b) => new TextDecoder().decode(b));
   }
 }
 
