@@ -12,7 +12,7 @@
  * Every loop is bounded in count and time; every process, socket and namespace started here is cleaned up.
  * The 1 GiB soak runs with VPN_SOAK_1G=1.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'bun:test';
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
 import { fdCount, forwardPair, keygen, random, rssKiB, sha256, tempDir, until, VPN as VPN_PATH, VpnProcess } from './helpers.ts';
 import {
   feedQuietly,
@@ -34,6 +34,10 @@ import {
   V2_MSG3,
   V2_S2C_HANDSHAKE,
 } from './mitm.ts';
+
+// These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
+// needs longer still says so itself.
+setDefaultTimeout(20_000);
 
 const MiB = 1 << 20;
 const dir = tempDir();

@@ -1,10 +1,14 @@
 /**
  * End to end with real processes: `bun vpn.ts serve` and `bun vpn.ts connect` on 127.0.0.1, as a user runs them.
  */
-import { describe, expect, test } from 'bun:test';
+import { describe, expect, setDefaultTimeout, test } from 'bun:test';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { feedStdin, keygen, random, rssKiB, sha256, tempDir, VpnProcess } from './helpers.ts';
+
+// These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
+// needs longer still says so itself.
+setDefaultTimeout(20_000);
 
 async function pipeBothWays(serveArgs: string[], connectArgs: string[], env: Record<string, string> = {}, size = 4 << 20) {
   const fromServer = random(size);
@@ -251,5 +255,5 @@ describe('stdout backpressure', () => {
     } finally {
       sh.kill('SIGKILL');
     }
-  });
+  }, 40_000); // 48 MiB through noble behind a 4 s stall
 });

@@ -2,11 +2,15 @@
  * Port forwarding with real processes and real peers on 127.0.0.1: curl → `connect --local` → `serve --forward`
  * → an HTTP server or a TCP server in this test process.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'bun:test';
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
 import type { Socket, TCPSocketListener } from 'bun';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { forwardPair, keygen, random, rssKiB, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+
+// These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
+// needs longer still says so itself.
+setDefaultTimeout(20_000);
 
 const dir = tempDir();
 let key = '';
@@ -90,7 +94,7 @@ describe('forward through real HTTP', () => {
     // Every session ended cleanly on both sides.
     await until(() => (pair.srv.stderr.match(/session closed .*clean end/g) ?? []).length >= 51);
     expect(pair.srv.stderr).not.toMatch(/session closed .*(failed|truncated|verification)/);
-  });
+  }, 60_000); // 32 MiB through noble at ~25 MiB/s each way, plus 51 handshakes
 });
 
 describe('half-close and ends', () => {

@@ -2,7 +2,7 @@
  * Behaviour of the performance work (issue #6): engines writing in place, frames laid out to dodge slow copies,
  * write coalescing, and `serve --workers`. No timing is asserted here: timing belongs to `bun run bench`.
  */
-import { describe, expect, test } from 'bun:test';
+import { describe, expect, setDefaultTimeout, test } from 'bun:test';
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { ChannelReceiver, ChannelSender, HEADER_LEN, MAX_PAYLOAD, RECORD } from '../channel.ts';
@@ -11,6 +11,10 @@ import type { DirectionKeys } from '../handshake.ts';
 import { corked, WriteQueue } from '../session.ts';
 import { workerArgs } from '../workers.ts';
 import { keygen, random, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+
+// These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
+// needs longer still says so itself.
+setDefaultTimeout(20_000);
 
 const ENGINES: readonly Engine[] = [nobleEngine, nativeEngine];
 const EACH_ENGINE = ENGINES.map((e) => [e.name, e] as const);

@@ -2,10 +2,14 @@
  * Forward secrecy end to end (issue #4): version negotiation between real processes, `--require-pfs`, and a man in
  * the middle that rewrites the version byte or replaces an ephemeral key in flight.
  */
-import { describe, expect, test } from 'bun:test';
+import { describe, expect, setDefaultTimeout, test } from 'bun:test';
 import type { Socket } from 'bun';
 import { MSG1_V1_LEN, MSG1_V2_LEN } from '../handshake.ts';
 import { feedStdin, keygen, tempDir, VpnProcess } from './helpers.ts';
+
+// These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
+// needs longer still says so itself.
+setDefaultTimeout(20_000);
 
 /**
  * A TCP proxy on 127.0.0.1 that passes bytes through, letting `rewrite` change the client→server stream: it gets

@@ -4,7 +4,7 @@
  * 10.66.0.0/24 in the tunnel), run `bun vpn.ts` in them as a user would, and remove everything afterwards. They are
  * skipped, with the reason printed, only where a namespace cannot be created (not Linux, not root).
  */
-import { afterAll, afterEach, beforeAll, describe, expect, test } from 'bun:test';
+import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -333,6 +333,10 @@ for seq in range(count):
             rtts.append((time.perf_counter() - t0) * 1000); break
 print(json.dumps({'sent': count, 'received': len(rtts), 'rtts_ms': rtts}))
 `;
+
+// These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
+// needs longer still says so itself.
+setDefaultTimeout(20_000);
 
 /** Names of the TUN interfaces (link/none) in namespace `ns`. */
 function tunLinks(ns: string): string[] {
