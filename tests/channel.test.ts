@@ -1,7 +1,8 @@
 /**
  * The data channel (PROTOCOL.md §6–§7, steps D1 and D2), sender and receiver in-process, no network.
  * Tests name the attack or the promise. Wherever a test shows a rejection it also shows the honest frame passing
- * through the same kind of receiver, so a receiver that refused everything would not pass.
+ * through the same kind of receiver, so a receiver that refused everything would not pass. The last block checks the
+ * frame layout: the same bytes wherever the payload sits in its buffer, and Buffer chunks (as Bun delivers them) in.
  */
 import { describe, expect, test } from 'bun:test';
 import { createHmac, randomBytes } from 'node:crypto';
@@ -19,7 +20,7 @@ import {
 import { type Engine, nativeEngine, nobleEngine } from '../engine.ts';
 import { type ErrorCode, VpnError } from '../errors.ts';
 import { ClientHandshake, type DirectionKeys, keysFromKeyFile, ServerHandshake, VERSION_2 } from '../handshake.ts';
-import { spied } from './helpers.ts';
+import { sha256, spied } from './helpers.ts';
 
 const ENGINES: readonly Engine[] = [nobleEngine, nativeEngine];
 const EACH_ENGINE = ENGINES.map((e) => [e.name, e] as const);
@@ -28,6 +29,7 @@ const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 const cat = (...p: Uint8Array[]) => new Uint8Array(Buffer.concat(p));
 const utf8 = (s: string) => new TextEncoder().encode(s);
 const dirKeys = (): DirectionKeys => ({ enc: rand(32), mac: rand(32), chain0: rand(32) });
+const padded = (n: number) => (Math.floor(n / 16) + 1) * 16;
 
 /** mulberry32: a tiny seeded PRNG so that "random" chunkings are the same on every run. */
 function prng(seed: number): () => number {
@@ -561,5 +563,53 @@ describe('after a failure (§6 D2)', () => {
     // Control: a receiver that saw no tampering accepts f2 and f3 after f1.
     const fresh = new ChannelReceiver(nobleEngine, keys);
     expect(feed(fresh, [f1, f2, f3]).got.length).toBe(3);
+  });
+});
+
+describe('frames', () => {
+  test.each(EACH_ENGINE)('a receiver fed Buffer chunks (as Bun delivers them) opens every record and leaves the chunks untouched (%s)', (_n, e) => {
+    const keys = dirKeys();
+    const tx = new ChannelSender(e, keys);
+    const rx = new ChannelReceiver(e, keys);
+    const sent = [rand(MAX_PAYLOAD), rand(3), rand(40_000)];
+    const stream = Buffer.concat(sent.map((p) => tx.seal(RECORD.DATA, p)));
+    const copy = Buffer.from(stream);
+    const got: Uint8Array[] = [];
+    for (let off = 0; off < stream.length; off += 50_001) rx.push(stream.subarray(off, off + 50_001), (_t, p) => got.push(p.slice()));
+    expect(got.map(sha256)).toEqual(sent.map(sha256));
+    expect(stream.equals(copy)).toBe(true);
+  });
+
+  test.each(EACH_ENGINE)('a frame is the same bytes whatever the payload offset in its buffer, and opens with either engine (%s)', (_n, e) => {
+    const keys = dirKeys();
+    const iv = rand(16);
+    const content = rand(MAX_PAYLOAD);
+    const frames: string[] = [];
+    // Offsets around page boundaries exercise every placement the sender picks for a frame.
+    for (const off of [0, 1, 20, 21, 22, 64, 100, 4075, 4096 - 21, 4096, 4117, 65536]) {
+      const payload = new Uint8Array(off + MAX_PAYLOAD).subarray(off);
+      payload.set(content);
+      const tx = new ChannelSender(e, keys, () => iv);
+      const frame = tx.seal(RECORD.DATA, payload);
+      expect(frame.length).toBe(HEADER_LEN + padded(1 + MAX_PAYLOAD) + 32);
+      expect(frame.byteOffset % 4).toBe(0);
+      for (const re of ENGINES) {
+        const got = new ChannelReceiver(re, keys).open(frame);
+        expect(sha256(got.payload)).toBe(sha256(payload));
+      }
+      frames.push(sha256(frame));
+    }
+    expect(new Set(frames).size).toBe(1);
+  });
+
+  test.each(EACH_ENGINE)('payloads delivered from reassembled frames stay intact after later frames are opened (%s)', (_n, e) => {
+    const keys = dirKeys();
+    const tx = new ChannelSender(e, keys);
+    const rx = new ChannelReceiver(e, keys);
+    const sent = [rand(MAX_PAYLOAD), rand(100), rand(MAX_PAYLOAD), rand(5000)];
+    const stream = new Uint8Array(Buffer.concat(sent.map((p) => tx.seal(RECORD.DATA, p))));
+    const got: Uint8Array[] = [];
+    for (let off = 0; off < stream.length; off += 7777) rx.push(stream.subarray(off, off + 7777), (_t, p) => got.push(p));
+    expect(got.map(sha256)).toEqual(sent.map(sha256));
   });
 });

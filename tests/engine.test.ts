@@ -4,10 +4,11 @@
  *   - AES-256-CBC: NIST SP 800-38A, appendix F.2.5 / F.2.6 (CBC-AES256);
  *   - HMAC-SHA256: RFC 4231, test cases 1, 2 and 6;
  *   - X25519: RFC 7748, section 6.1 (Alice and Bob).
+ * Each engine also writes into the output buffers it is handed (in place, misaligned, wrong-sized) correctly.
  */
 import { describe, expect, test } from 'bun:test';
 import { randomBytes } from 'node:crypto';
-import { ChannelReceiver, ChannelSender, RECORD } from '../channel.ts';
+import { ChannelReceiver, ChannelSender, MAX_PAYLOAD, RECORD } from '../channel.ts';
 import { type Engine, getEngine, nativeEngine, nobleEngine } from '../engine.ts';
 import { ClientHandshake, type DirectionKeys, keysFromKeyFile, ServerHandshake, VERSION_1, VERSION_2 } from '../handshake.ts';
 
@@ -21,6 +22,7 @@ const rand = (n: number) => new Uint8Array(randomBytes(n));
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 const bytes = (h: string) => new Uint8Array(Buffer.from(h, 'hex'));
 const utf8 = (s: string) => new TextEncoder().encode(s);
+const padded = (n: number) => (Math.floor(n / 16) + 1) * 16;
 
 describe('published known answers', () => {
   // NIST SP 800-38A F.2.5 (encrypt) / F.2.6 (decrypt), CBC-AES256, four blocks.
@@ -191,5 +193,62 @@ describe('frames and handshakes across engines', () => {
     const down = new ChannelReceiver(ce, client.keys!.recv).open(new ChannelSender(se, server.keys!.send).seal(RECORD.DATA, utf8('down')));
     expect(new TextDecoder().decode(up.payload)).toBe('up');
     expect(new TextDecoder().decode(down.payload)).toBe('down');
+  });
+});
+
+describe('engines: output buffers', () => {
+  test.each(EACH_ENGINE)('encryptCbc in place (plaintext laid out where its ciphertext goes) equals the plain call (%s)', (_n, e) => {
+    for (const n of [0, 1, 15, 16, 17, 1000, MAX_PAYLOAD + 1]) {
+      const key = rand(32);
+      const iv = rand(16);
+      const pt = rand(n);
+      const want = hex(nobleEngine.encryptCbc(key, iv, pt, true));
+      const buf = new Uint8Array(padded(n));
+      buf.set(pt);
+      const out = e.encryptCbc(key, iv, buf.subarray(0, n), true, buf);
+      expect(out).toBe(buf);
+      expect(hex(buf)).toBe(want);
+    }
+  });
+
+  test.each(EACH_ENGINE)('decryptCbc into the ciphertext itself, into a misaligned buffer, or into a wrong-sized one all give the right plaintext (%s)', (_n, e) => {
+    const key = rand(32);
+    const iv = rand(16);
+    const pt = rand(1000);
+    const ct = nobleEngine.encryptCbc(key, iv, pt, true);
+    expect(hex(e.decryptCbc(key, iv, ct.slice(), true, undefined))).toBe(hex(pt));
+    const inPlace = ct.slice();
+    expect(hex(e.decryptCbc(key, iv, inPlace, true, inPlace))).toBe(hex(pt));
+    const odd = new Uint8Array(ct.length + 1).subarray(1); // byteOffset 1: noble cannot write there
+    expect(hex(e.decryptCbc(key, iv, ct, true, odd))).toBe(hex(pt));
+    expect(hex(e.decryptCbc(key, iv, ct, true, new Uint8Array(5)))).toBe(hex(pt));
+    // A misaligned input (a frame somewhere inside a socket chunk) decrypts correctly and is left as it was.
+    const shifted = new Uint8Array(ct.length + 3).subarray(3);
+    shifted.set(ct);
+    expect(hex(e.decryptCbc(key, iv, shifted, true))).toBe(hex(pt));
+    expect(hex(shifted)).toBe(hex(ct));
+  });
+
+  test.each(EACH_ENGINE)('decryptCbc refuses a ciphertext that is not whole blocks, and an empty one with padding (%s)', (_n, e) => {
+    const key = rand(32);
+    const iv = rand(16);
+    for (const n of [1, 15, 17, 33]) expect(() => e.decryptCbc(key, iv, rand(n), false)).toThrow();
+    expect(() => e.decryptCbc(key, iv, new Uint8Array(0), true)).toThrow();
+  });
+
+  test('native X25519 with a key it generated agrees with noble, and a key changed after keygen is not served from its cache', () => {
+    const a = nativeEngine.x25519Keygen();
+    const b = nobleEngine.x25519Keygen();
+    const c = nobleEngine.x25519Keygen();
+    const want = hex(nobleEngine.x25519(a.secretKey.slice(), b.publicKey));
+    expect(hex(nativeEngine.x25519(a.secretKey, b.publicKey))).toBe(want);
+    // The caller overwrites the array it got from keygen: the result must follow the bytes, not the cached key.
+    a.secretKey.set(c.secretKey);
+    expect(hex(nativeEngine.x25519(a.secretKey, b.publicKey))).toBe(hex(nobleEngine.x25519(c.secretKey, b.publicKey)));
+    // A second use of a generated key (the cache serves one) still gives the right answer.
+    const d = nativeEngine.x25519Keygen();
+    const once = hex(nativeEngine.x25519(d.secretKey, b.publicKey));
+    expect(hex(nativeEngine.x25519(d.secretKey, b.publicKey))).toBe(once);
+    expect(hex(nativeEngine.x25519Public(d.secretKey))).toBe(hex(d.publicKey));
   });
 });
