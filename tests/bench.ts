@@ -28,14 +28,16 @@
 import { cbc } from '@noble/ciphers/aes.js';
 import { type _HMAC, hmac } from '@noble/hashes/hmac.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import type { Socket, Subprocess, TCPSocketListener } from 'bun';
+import type { Socket, TCPSocketListener } from 'bun';
 import * as nodeCrypto from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus, tmpdir } from 'node:os';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { BLOCK, HEADER_LEN, MAX_PAYLOAD, TYPE_LEN } from './channel.ts';
-import { MAC_LEN } from './engine.ts';
+import { HEADER_LEN, MAX_CIPHERTEXT, MAX_FRAME, MAX_PAYLOAD, TYPE_LEN } from '../channel.ts';
+import { MAC_LEN } from '../engine.ts';
+import { IV_LEN, KEY_LEN } from '../handshake.ts';
+import { keygen, Proc, random, ROOT, rssKiB, tempDir, until, VPN } from './helpers.ts';
 
 // ---- command line ----
 
@@ -64,7 +66,7 @@ const MIB = Number(argv.mib ?? process.env.BENCH_MIB ?? (QUICK ? 64 : 512));
 if (!Number.isInteger(MIB) || MIB < 1 || MIB > 65536) throw new Error(`--mib: expected a whole number of MiB, got ${argv.mib}`);
 const ONLY = new Set<string>(argv.only ? argv.only.split(',') : SECTIONS);
 for (const s of ONLY) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`--only: unknown section "${s}" (${SECTIONS.join(' ')})`);
-const JSON_PATH = argv.json ?? join(import.meta.dir, 'bench-results.json');
+const JSON_PATH = argv.json ?? join(ROOT, 'bench-results.json');
 /** throughput figures are the best of this many transfers (the machine is shared: best-of filters other load out) */
 const REPEAT = Number(argv.repeat ?? process.env.BENCH_REPEAT ?? 1);
 if (!Number.isInteger(REPEAT) || REPEAT < 1 || REPEAT > 10) throw new Error(`--repeat: expected 1 to 10, got ${argv.repeat}`);
@@ -72,8 +74,6 @@ if (!Number.isInteger(REPEAT) || REPEAT < 1 || REPEAT > 10) throw new Error(`--r
 const SETTLE_S = Number(argv.settle ?? process.env.BENCH_SETTLE ?? 0);
 if (!Number.isFinite(SETTLE_S) || SETTLE_S < 0 || SETTLE_S > 600) throw new Error(`--settle: expected 0 to 600 seconds, got ${argv.settle}`);
 
-const ROOT = import.meta.dir;
-const VPN = join(ROOT, 'vpn.ts');
 const HOST = '127.0.0.1';
 const MiB = 1 << 20;
 /** timed loops run this long (handshakes, ceiling) */
@@ -101,19 +101,14 @@ function fmt(v: number): string {
 
 // ---- processes ----
 
-const children = new Set<Subprocess>();
-const tmp = mkdtempSync(join(tmpdir(), 'vpn-bench-'));
+/** Every process the bench started (vpn and spiped), killed on the way out however the bench ends. */
+const children = new Set<Proc>();
+const tmp = tempDir();
 
 function cleanup(): void {
-  for (const c of children) {
-    try {
-      c.kill('SIGKILL');
-    } catch {
-      // gone already
-    }
-  }
+  for (const c of children) c.kill('SIGKILL');
   children.clear();
-  rmSync(tmp, { recursive: true, force: true });
+  tmp[Symbol.dispose]();
 }
 process.on('exit', cleanup);
 for (const sig of ['SIGINT', 'SIGTERM'] as const) {
@@ -123,61 +118,25 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
   });
 }
 
-/** A child process whose stderr is kept, with a bounded wait for a line. */
-class Child {
-  readonly proc: Subprocess<'ignore', 'ignore', 'pipe'>;
-  readonly name: string;
-  stderr = '';
-  constructor(cmd: string[], name: string) {
-    this.name = name;
-    const proc = Bun.spawn(cmd, { stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', cwd: ROOT, env: { ...process.env } });
-    this.proc = proc;
-    children.add(proc);
-    void (async () => {
-      const dec = new TextDecoder();
-      for await (const c of proc.stderr) {
-        this.stderr += dec.decode(c, { stream: true });
-        if (this.stderr.length > 1 << 20) this.stderr = this.stderr.slice(-65536);
-      }
-    })();
-  }
-  get pid(): number {
-    return this.proc.pid;
-  }
-  async waitFor(re: RegExp, ms = 20000): Promise<RegExpMatchArray> {
-    const end = Date.now() + ms;
-    while (Date.now() < end) {
-      const m = this.stderr.match(re);
-      if (m) return m;
-      if (this.proc.exitCode !== null) break;
-      await Bun.sleep(10);
-    }
-    throw new Error(`${this.name}: no ${re} within ${ms} ms (exit ${this.proc.exitCode}); stderr:\n${this.stderr.slice(-2000)}`);
-  }
-  async port(): Promise<number> {
-    return Number((await this.waitFor(/^listening on .*:(\d+)$/m))[1]);
-  }
-  /** SIGTERM, then SIGKILL after `ms`. */
-  async stop(ms = 3000): Promise<void> {
-    if (this.proc.exitCode === null && this.proc.signalCode === null) {
-      try {
-        this.proc.kill('SIGTERM');
-      } catch {
-        // gone
-      }
-      const t = setTimeout(() => this.proc.kill('SIGKILL'), ms);
-      await this.proc.exited;
-      clearTimeout(t);
-    }
-    children.delete(this.proc);
-  }
+function spawn(cmd: string[]): Proc {
+  const p = new Proc(cmd);
+  children.add(p);
+  return p;
+}
+
+/** SIGTERM, then SIGKILL after `ms`. */
+async function stop(p: Proc, ms = 3000): Promise<void> {
+  p.kill('SIGTERM');
+  await p.exit(ms);
+  children.delete(p);
 }
 
 /** BENCH_BUN_FLAGS="--cpu-prof-md --cpu-prof-dir=/tmp/prof" profiles every vpn process of the run. */
 const BUN_FLAGS = (process.env.BENCH_BUN_FLAGS ?? '').split(' ').filter(Boolean);
 
-function vpn(args: string[], name: string): Child {
-  return new Child(['bun', ...BUN_FLAGS, VPN, ...args], name);
+/** `bun vpn.ts ARGS…` (a Proc rather than a VpnProcess: BUN_FLAGS go between `bun` and vpn.ts). */
+function vpn(args: string[]): Proc {
+  return spawn(['bun', ...BUN_FLAGS, VPN, ...args]);
 }
 
 /** CPU time (user + system) of a process so far, in ms, from /proc/PID/stat. */
@@ -199,12 +158,6 @@ const CLK_TCK = (() => {
 function selfCpuMs(): number {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1000;
-}
-
-/** VmRSS in KiB. */
-function rssKiB(pid: number): number {
-  const s = readFileSync(`/proc/${pid}/status`, 'utf8');
-  return Number(/VmRSS:\s+(\d+)/.exec(s)?.[1] ?? 0);
 }
 
 async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
@@ -244,7 +197,7 @@ async function waitListening(port: number, ms = 10000): Promise<void> {
 
 // ---- source, sink, echo ----
 
-const PATTERN = new Uint8Array(nodeCrypto.randomBytes(4 * MiB));
+const PATTERN = random(4 * MiB);
 
 /** Where bytes go: counts them, or echoes them, or never reads them. */
 class Target {
@@ -355,10 +308,9 @@ async function transfer(entryPort: number, sink: Target, bytes: number, pids: nu
 
 // ---- key material ----
 
-const KEY_PATH = join(tmp, 'key');
-writeFileSync(KEY_PATH, Buffer.from(nodeCrypto.randomBytes(32)).toString('hex') + '\n', { mode: 0o600 });
-const SPIPED_KEY = join(tmp, 'spiped.key');
-writeFileSync(SPIPED_KEY, nodeCrypto.randomBytes(32), { mode: 0o600 });
+const KEY_PATH = await keygen(tmp.path);
+const SPIPED_KEY = join(tmp.path, 'spiped.key');
+writeFileSync(SPIPED_KEY, random(32), { mode: 0o600 });
 
 type EngineName = 'noble' | 'native';
 
@@ -370,15 +322,15 @@ interface Pair {
 
 /** `serve --forward` + `connect --local` in front of `target`. */
 async function vpnPair(target: number, engine: EngineName, opts: { serverArgs?: string[]; clientArgs?: string[]; clientEngine?: EngineName } = {}): Promise<Pair> {
-  const server = vpn(['serve', '--listen', `${HOST}:0`, '--forward', `${HOST}:${target}`, '--key', KEY_PATH, '--engine', engine, '--quiet', ...(opts.serverArgs ?? [])], 'server');
-  const sport = await server.port();
-  const client = vpn(['connect', `${HOST}:${sport}`, '--local', `${HOST}:0`, '--key', KEY_PATH, '--engine', opts.clientEngine ?? engine, '--quiet', ...(opts.clientArgs ?? [])], 'client');
-  const entry = await client.port();
+  const server = vpn(['serve', '--listen', `${HOST}:0`, '--forward', `${HOST}:${target}`, '--key', KEY_PATH, '--engine', engine, '--quiet', ...(opts.serverArgs ?? [])]);
+  const sport = await server.listeningPort();
+  const client = vpn(['connect', `${HOST}:${sport}`, '--local', `${HOST}:0`, '--key', KEY_PATH, '--engine', opts.clientEngine ?? engine, '--quiet', ...(opts.clientArgs ?? [])]);
+  const entry = await client.listeningPort();
   return {
     entry,
     pids: [client.pid, server.pid],
     stop: async () => {
-      await Promise.all([client.stop(), server.stop()]);
+      await Promise.all([stop(client), stop(server)]);
     },
   };
 }
@@ -388,15 +340,15 @@ async function spipedPair(target: number, opts: { fast?: boolean } = {}): Promis
   const dport = freePort();
   const eport = freePort();
   const common = ['-k', SPIPED_KEY, '-F', '-n', '0', ...(opts.fast ? ['-f'] : [])];
-  const d = new Child([SPIPED!, '-d', '-s', `[${HOST}]:${dport}`, '-t', `[${HOST}]:${target}`, ...common], 'spiped -d');
-  const e = new Child([SPIPED!, '-e', '-s', `[${HOST}]:${eport}`, '-t', `[${HOST}]:${dport}`, ...common], 'spiped -e');
+  const d = spawn([SPIPED!, '-d', '-s', `[${HOST}]:${dport}`, '-t', `[${HOST}]:${target}`, ...common]);
+  const e = spawn([SPIPED!, '-e', '-s', `[${HOST}]:${eport}`, '-t', `[${HOST}]:${dport}`, ...common]);
   await waitListening(dport);
   await waitListening(eport);
   return {
     entry: eport,
     pids: [e.pid, d.pid],
     stop: async () => {
-      await Promise.all([e.stop(), d.stop()]);
+      await Promise.all([stop(e), stop(d)]);
     },
   };
 }
@@ -456,16 +408,15 @@ async function settle(): Promise<number> {
  * reused buffer; the MAC covers chain ‖ L ‖ IV ‖ ciphertext. Each function does one frame.
  */
 class FrameWork {
-  private readonly enc = nodeCrypto.randomBytes(32);
-  private readonly iv = new Uint8Array(nodeCrypto.randomBytes(16));
-  private readonly chain = new Uint8Array(32);
-  private readonly pt = new Uint8Array(nodeCrypto.randomBytes(TYPE_LEN + MAX_PAYLOAD));
-  private readonly ctLen = (Math.floor((TYPE_LEN + MAX_PAYLOAD) / BLOCK) + 1) * BLOCK;
-  private readonly frame = new Uint8Array(HEADER_LEN + this.ctLen + MAC_LEN);
-  private readonly ct = this.frame.subarray(HEADER_LEN, HEADER_LEN + this.ctLen);
-  private readonly macInput = this.frame.subarray(0, HEADER_LEN + this.ctLen);
-  private readonly out = new Uint8Array(this.ctLen);
-  private readonly mk = nodeCrypto.randomBytes(32);
+  private readonly enc = random(KEY_LEN);
+  private readonly iv = random(IV_LEN);
+  private readonly chain = new Uint8Array(MAC_LEN);
+  private readonly pt = random(TYPE_LEN + MAX_PAYLOAD);
+  private readonly frame = new Uint8Array(MAX_FRAME);
+  private readonly ct = this.frame.subarray(HEADER_LEN, HEADER_LEN + MAX_CIPHERTEXT);
+  private readonly macInput = this.frame.subarray(0, MAX_FRAME - MAC_LEN);
+  private readonly out = new Uint8Array(MAX_CIPHERTEXT);
+  private readonly mk = random(KEY_LEN);
   private readonly keyed = hmac.create(sha256, this.mk);
   private work: _HMAC<any> | undefined;
   private readonly nk = Buffer.from(this.mk);
@@ -638,15 +589,6 @@ async function connectRate(entry: number, target: Target, parallel: number, ms: 
   await until(() => target.open === 0, 3000);
   const cpu = pids.map((p, i) => (cpuMs(p) - cpu0[i]!) / done);
   return { perSec: done / secs, done, cpu };
-}
-
-async function until(cond: () => boolean, ms: number): Promise<boolean> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (cond()) return true;
-    await Bun.sleep(20);
-  }
-  return cond();
 }
 
 async function handshakes(): Promise<void> {
