@@ -3,50 +3,13 @@
  * the middle that rewrites the version byte or replaces an ephemeral key in flight.
  */
 import { describe, expect, setDefaultTimeout, test } from 'bun:test';
-import type { Socket } from 'bun';
 import { MSG1_V1_LEN, MSG1_V2_LEN } from '../handshake.ts';
 import { feedStdin, keygen, tempDir, VpnProcess } from './helpers.ts';
+import { MitmProxy } from './mitm.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
 setDefaultTimeout(20_000);
-
-/**
- * A TCP proxy on 127.0.0.1 that passes bytes through, letting `rewrite` change the client→server stream: it gets
- * each chunk and the stream offset of its first byte, and returns the bytes to forward.
- */
-async function rewritingProxy(targetPort: number, rewrite: (chunk: Uint8Array, offset: number) => Uint8Array) {
-  type D = { peer?: Socket<D>; pending: Uint8Array[]; offset: number };
-  const listener = Bun.listen<D>({
-    hostname: '127.0.0.1',
-    port: 0,
-    data: { pending: [], offset: 0 },
-    socket: {
-      async open(client) {
-        client.data = { pending: [], offset: 0 };
-        const server = await Bun.connect<D>({
-          hostname: '127.0.0.1',
-          port: targetPort,
-          data: { pending: [], offset: 0, peer: client },
-          socket: {
-            data: (s, d) => void s.data.peer?.write(d),
-            close: (s) => void s.data.peer?.end(),
-          },
-        });
-        client.data.peer = server;
-        for (const p of client.data.pending) server.write(p);
-      },
-      data(client, d) {
-        const out = rewrite(new Uint8Array(d), client.data.offset);
-        client.data.offset += d.length;
-        if (client.data.peer) client.data.peer.write(out);
-        else client.data.pending.push(out);
-      },
-      close: (c) => void c.data.peer?.end(),
-    },
-  });
-  return listener;
-}
 
 async function server(extra: string[] = []) {
   const dir = tempDir();
@@ -88,9 +51,10 @@ describe('forward secrecy between real processes', () => {
     const { dir, key, srv, port } = await server();
     using _d = dir;
     using _s = srv;
-    const proxy = await rewritingProxy(port, (chunk, offset) => {
-      if (offset === 0 && chunk[0] === 2) chunk[0] = 1;
-      return chunk;
+    // The client's first byte, its version: 2 becomes 1.
+    using proxy = MitmProxy.start({
+      target: { port },
+      tamper: [{ dir: 'c2s', at: 0, action: { kind: 'rewrite', n: 1, fn: (v) => (v[0] === 2 ? new Uint8Array([1]) : v) } }],
     });
     using cli = new VpnProcess(['connect', `127.0.0.1:${proxy.port}`, '--key', key], { stdin: 'pipe' });
     await feedStdin(cli, new TextEncoder().encode('must not arrive'));
@@ -98,7 +62,6 @@ describe('forward secrecy between real processes', () => {
     await srv.waitFor(/handshake failed/);
     expect(srv.stderr).not.toContain('session opened');
     expect(await cli.stdoutBytes).toHaveLength(0);
-    proxy.stop(true);
   });
 
   test("a man in the middle who replaces the client's ephemeral key is detected", async () => {
@@ -106,18 +69,15 @@ describe('forward secrecy between real processes', () => {
     using _d = dir;
     using _s = srv;
     const mitmKey = new Uint8Array(32).fill(9); // the X25519 base point: a valid public key the attacker controls
-    const proxy = await rewritingProxy(port, (chunk, offset) => {
-      for (let i = 0; i < chunk.length; i++) {
-        const at = offset + i;
-        if (at >= MSG1_V1_LEN && at < MSG1_V2_LEN) chunk[i] = mitmKey[at - MSG1_V1_LEN]!;
-      }
-      return chunk;
+    // Message 1 bytes [MSG1_V1_LEN, MSG1_V2_LEN) are the client's ephemeral public key E_C.
+    using proxy = MitmProxy.start({
+      target: { port },
+      tamper: [{ dir: 'c2s', at: MSG1_V1_LEN, action: { kind: 'rewrite', n: MSG1_V2_LEN - MSG1_V1_LEN, fn: () => mitmKey.slice() } }],
     });
     using cli = new VpnProcess(['connect', `127.0.0.1:${proxy.port}`, '--key', key], { stdin: 'pipe' });
     await feedStdin(cli, new TextEncoder().encode('must not arrive'));
     expect(await cli.exit()).toBe(3);
     expect(cli.stderr).toContain('message 2 failed verification');
     expect(srv.stderr).not.toContain('session opened');
-    proxy.stop(true);
   });
 });
