@@ -22,7 +22,6 @@ import {
   junk,
   lengthPrefix,
   MitmProxy,
-  Netns,
   PatternSource,
   RawClient,
   StreamEditor,
@@ -34,6 +33,7 @@ import {
   V2_MSG3,
   V2_S2C_HANDSHAKE,
 } from './mitm.ts';
+import { Netns } from './netns.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.

@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Proc as BaseProc, until, VPN } from './helpers.ts';
+import { execIn, inNetns, must, Namespaces, netnsUnavailable, sh } from './netns.ts';
 import {
   AddressPool,
   DEFAULT_MTU,
@@ -247,56 +248,23 @@ describe('usage', () => {
 
 // ---- end to end, in network namespaces ----
 
-const TAG = randomBytes(3).toString('hex');
-const NS = { srv: `vt${TAG}s`, c1: `vt${TAG}a`, c2: `vt${TAG}b` };
+const spaces = new Namespaces();
+const TAG = spaces.tag;
+const NS = { srv: spaces.name('s'), c1: spaces.name('a'), c2: spaces.name('b') };
 const SERVER1 = '192.168.77.1'; // the server, seen from c1
 const SERVER2 = '192.168.77.5'; // the server, seen from c2
 
-function sh(argv: string[]): { code: number; out: string; err: string } {
-  const r = Bun.spawnSync(argv, { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', timeout: 100_000, killSignal: 'SIGKILL' });
-  return { code: r.exitCode ?? -1, out: r.stdout.toString(), err: r.stderr.toString() };
-}
-
-function must(argv: string[]): string {
-  const r = sh(argv);
-  if (r.code !== 0) throw new Error(`${argv.join(' ')} failed: ${r.err}`);
-  return r.out;
-}
-
 /** Why the namespace tests cannot run here, or null when they can (checked once: can we create one?). */
-function netnsUnavailable(): string | null {
-  if (process.platform !== 'linux') return `not Linux (${process.platform})`;
-  const probe = `vt${TAG}p`;
-  let r;
-  try {
-    r = sh(['ip', 'netns', 'add', probe]);
-  } catch (e) {
-    return `cannot run ip (${(e as Error).message})`;
-  }
-  if (r.code !== 0) return `ip netns add failed: ${r.err.trim()}`;
-  sh(['ip', 'netns', 'del', probe]);
-  return null;
-}
-
 const skipReason = netnsUnavailable();
 if (skipReason) console.log(`tun.test.ts: skipping the network-namespace tests: ${skipReason}`);
-
-function removeNamespaces(): void {
-  for (const ns of Object.values(NS)) {
-    for (let i = 0; i < 10; i++) {
-      if (sh(['ip', 'netns', 'del', ns]).code !== 0 || !sh(['ip', 'netns', 'list']).out.includes(ns)) break;
-      Bun.sleepSync(100);
-    }
-  }
-}
 
 let work = '';
 let keyPath = '';
 let wrongKeyPath = '';
 
 /** `bun vpn.ts ARGS` inside namespace `ns`. */
-const vpnIn = (ns: string, args: string[]) => new Proc(['ip', 'netns', 'exec', ns, 'bun', VPN, ...args]);
-const exec = (ns: string, argv: string[]) => sh(['ip', 'netns', 'exec', ns, ...argv]);
+const vpnIn = (ns: string, args: string[]) => new Proc(inNetns(ns, ['bun', VPN, ...args]));
+const exec = execIn;
 
 /** ICMP echo from namespace `ns` to `dst` (python3, a raw socket): replies received and their round-trip times. */
 function ping(ns: string, dst: string, count = 3, timeoutS = 2): { sent: number; received: number; rtts_ms: number[] } {
@@ -374,26 +342,16 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     wrongKeyPath = join(work, 'wrong');
     writeFileSync(keyPath, randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
     writeFileSync(wrongKeyPath, randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
-    process.on('exit', removeNamespaces); // even if the run dies before afterAll
-    for (const ns of Object.values(NS)) {
-      must(['ip', 'netns', 'add', ns]);
-      must(['ip', '-n', ns, 'link', 'set', 'lo', 'up']);
-    }
+    for (const ns of Object.values(NS)) spaces.add(ns); // removed at exit too, should the run die before afterAll
     // srv ─ v1 ══ v0 ─ c1 (192.168.77.0/30) and srv ─ v2 ══ v0 ─ c2 (192.168.77.4/30)
-    must(['ip', '-n', NS.srv, 'link', 'add', 'v1', 'type', 'veth', 'peer', 'name', 'v0', 'netns', NS.c1]);
-    must(['ip', '-n', NS.srv, 'link', 'add', 'v2', 'type', 'veth', 'peer', 'name', 'v0', 'netns', NS.c2]);
-    must(['ip', '-n', NS.srv, 'addr', 'add', `${SERVER1}/30`, 'dev', 'v1']);
-    must(['ip', '-n', NS.srv, 'addr', 'add', `${SERVER2}/30`, 'dev', 'v2']);
-    must(['ip', '-n', NS.c1, 'addr', 'add', '192.168.77.2/30', 'dev', 'v0']);
-    must(['ip', '-n', NS.c2, 'addr', 'add', '192.168.77.6/30', 'dev', 'v0']);
-    for (const [ns, dev] of [[NS.srv, 'v1'], [NS.srv, 'v2'], [NS.c1, 'v0'], [NS.c2, 'v0']] as const) must(['ip', '-n', ns, 'link', 'set', dev, 'up']);
+    spaces.veth(NS.srv, 'v1', NS.c1, 'v0', { a: `${SERVER1}/30`, b: '192.168.77.2/30' });
+    spaces.veth(NS.srv, 'v2', NS.c2, 'v0', { a: `${SERVER2}/30`, b: '192.168.77.6/30' });
     // a network on the server's side beyond the tunnel subnet, for --route
     must(['ip', '-n', NS.srv, 'addr', 'add', '10.77.0.1/24', 'dev', 'lo']);
   });
 
   afterAll(() => {
-    removeNamespaces();
-    process.off('exit', removeNamespaces);
+    spaces.remove();
     if (work) rmSync(work, { recursive: true, force: true });
     const left = sh(['ip', 'netns', 'list']).out;
     expect(left).not.toContain(TAG);
