@@ -3,10 +3,10 @@
  * → an HTTP server or a TCP server in this test process.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import type { Socket, TCPSocketListener } from 'bun';
+import type { Socket, Subprocess, TCPSocketListener } from 'bun';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { forwardPair, keygen, random, rssKiB, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+import { forwardPair, keygen, random, ROOT, rssKiB, sha256, tempDir, until, VPN, VpnProcess } from './helpers.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
@@ -361,5 +361,100 @@ describe('logs', () => {
     expect(srv.stderr).not.toContain('session opened'); // info lines are gone with --quiet
     expect(srv.stderr).not.toContain('session closed');
     target.stop(true);
+  });
+});
+
+// ---- the behaviour of the restructured forward mode (these tests specify it; see the commit message) ----
+
+/**
+ * `bun vpn.ts ARGS…` on a real pseudo-terminal (script(1)): what it prints (stdout and stderr, merged by the
+ * terminal) is collected as it comes; `type` is a user typing.
+ */
+class Pty {
+  readonly p: Subprocess<'pipe', 'pipe', 'pipe'>;
+  out = '';
+  private readonly done: Promise<void>;
+  constructor(args: string[]) {
+    const p = Bun.spawn(['script', '-qfec', ['bun', 'vpn.ts', ...args].join(' '), '/dev/null'], {
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      cwd: ROOT,
+    });
+    this.p = p;
+    this.done = (async () => {
+      const d = new TextDecoder();
+      for await (const chunk of p.stdout) this.out += d.decode(chunk, { stream: true });
+    })();
+  }
+  async type(text: string): Promise<void> {
+    this.p.stdin.write(text);
+    await this.p.stdin.flush();
+  }
+  /** The command's exit status (script -e passes it on), or -1 if it had not exited after `ms`. */
+  async exit(ms = 15000): Promise<number> {
+    const code = await Promise.race([this.p.exited, Bun.sleep(ms).then(() => -1)]);
+    await Promise.race([this.done, Bun.sleep(1000)]);
+    return code;
+  }
+  [Symbol.dispose](): void {
+    try {
+      this.p.stdin.end();
+    } catch {
+      // already closed
+    }
+    this.p.kill('SIGKILL');
+  }
+}
+
+describe('a terminal chat is not sent into a forwarded service; a pipe is', () => {
+  test('a chat on a terminal against serve --forward exits 2 naming forward mode, and the target never gets a byte', async () => {
+    let conns = 0;
+    let bytes = 0;
+    const target = tcpServer({ open: () => void conns++, data: (_s, d) => void (bytes += d.length) });
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', `127.0.0.1:${target.port}`]);
+    const port = await srv.listeningPort();
+    using pty = new Pty(['connect', `127.0.0.1:${port}`, '--key', key]);
+    // A user who types a line soon after starting the chat.
+    await Bun.sleep(1500);
+    if (pty.p.exitCode === null) await pty.type('this line must not reach the service\r').catch(() => {});
+    const code = await pty.exit(10000);
+    await Bun.sleep(300);
+    expect(code, pty.out).toBe(2);
+    expect(pty.out).toMatch(/forward/);
+    expect(bytes, `the target got ${bytes} bytes on ${conns} connection(s)`).toBe(0);
+    target.stop(true);
+  });
+
+  test('an HTTP request piped into connect (like ssh ProxyCommand) gets the 200 response on stdout, and connect exits 0', async () => {
+    using web = tempDir();
+    await Bun.write(join(web.path, 'hello-through-the-tunnel.txt'), 'hello\n');
+    const http = Bun.spawn(['python3', '-u', '-m', 'http.server', '--bind', '127.0.0.1', '0'], { cwd: web.path, stdout: 'pipe', stderr: 'ignore' });
+    try {
+      // "Serving HTTP on 127.0.0.1 port N (http://127.0.0.1:N/) ..."
+      let banner = '';
+      const reader = http.stdout.getReader();
+      while (!/port (\d+)/.test(banner)) {
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`python3 -m http.server did not start: ${banner}`);
+        banner += new TextDecoder().decode(value);
+      }
+      const httpPort = Number(/port (\d+)/.exec(banner)![1]);
+      using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', `127.0.0.1:${httpPort}`]);
+      const port = await srv.listeningPort();
+      const sh = Bun.spawn(['sh', '-c', `printf 'GET / HTTP/1.0\\r\\n\\r\\n' | bun ${VPN} connect 127.0.0.1:${port} --key ${key}`], {
+        stdout: 'pipe',
+        stderr: 'pipe',
+      });
+      const kill = setTimeout(() => sh.kill('SIGKILL'), 15000);
+      const [out, err, code] = await Promise.all([new Response(sh.stdout).text(), new Response(sh.stderr).text(), sh.exited]);
+      clearTimeout(kill);
+      expect(out, err).toMatch(/^HTTP\/1\.[01] 200 /);
+      expect(out).toContain('hello-through-the-tunnel.txt'); // the directory listing, whole
+      expect(out).toContain('</html>');
+      expect(code, err).toBe(0);
+    } finally {
+      http.kill('SIGKILL');
+    }
   });
 });
