@@ -31,7 +31,7 @@ const STATUS: Record<ErrorCode, number> = {
 };
 
 const ADVICE: Record<ErrorCode, string> = {
-  USAGE: 'see --help.',
+  USAGE: '',
   NETWORK: 'check the address and that the peer is running.',
   DEAD_PEER: 'the peer stopped answering keepalives; check the network path.',
   AUTH_FAILED: 'check that both ends use the same key or passphrase and that the address is a vpn peer.',
@@ -53,7 +53,8 @@ export class VpnError extends Error {
   }
   /** One line for a user: what happened, then what to do. */
   get sentence(): string {
-    return `${this.message}: ${ADVICE[this.code]}`;
+    const advice = ADVICE[this.code];
+    return advice ? `${this.message}: ${advice}` : this.message;
   }
 }
 

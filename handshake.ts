@@ -22,7 +22,7 @@
  * Each message has one create/consume pair. A consume checks the exact length first, works on local values and
  * changes state only after every check has passed; any failure throws a VpnError and the caller drops the session.
  */
-import { equalBytes, randomBytes } from '@noble/ciphers/utils.js';
+import { concatBytes, equalBytes, randomBytes } from '@noble/ciphers/utils.js';
 import { hkdf } from '@noble/hashes/hkdf.js';
 import { scrypt } from '@noble/hashes/scrypt.js';
 import { sha256 } from '@noble/hashes/sha2.js';
@@ -79,18 +79,6 @@ export interface TrafficKeys {
   readonly recv: DirectionKeys;
 }
 
-function concat(...parts: Uint8Array[]): Uint8Array {
-  let n = 0;
-  for (const p of parts) n += p.length;
-  const out = new Uint8Array(n);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
-}
-
 function expectLen(field: string, b: Uint8Array, n: number): void {
   if (b.length !== n) throw new VpnError('AUTH_FAILED', `"${field}" expected ${n} bytes, got ${b.length}`);
 }
@@ -138,8 +126,8 @@ function deriveTraffic(
   role: 'client' | 'server',
   trace?: Tracer,
 ): TrafficKeys {
-  const th = sha256(concat(m1, m2, m3));
-  const okm = hkdf(sha256, ikm, concat(ra, rb), concat(INFO_TRAFFIC[version - 1]!, th), TRAFFIC_OKM_LEN);
+  const th = sha256(concatBytes(m1, m2, m3));
+  const okm = hkdf(sha256, ikm, concatBytes(ra, rb), concatBytes(INFO_TRAFFIC[version - 1]!, th), TRAFFIC_OKM_LEN);
   const part = (i: number) => okm.slice(i * 32, i * 32 + 32);
   const c2s: DirectionKeys = { enc: part(0), mac: part(1), chain0: part(2) };
   const s2c: DirectionKeys = { enc: part(3), mac: part(4), chain0: part(5) };
@@ -155,9 +143,38 @@ function deriveTraffic(
   return role === 'client' ? { version, send: c2s, recv: s2c } : { version, send: s2c, recv: c2s };
 }
 
-/** The client side: createMessage1 (C1), consumeMessage2 (C2, returns message 3 = C3), then `keys`. */
-export class ClientHandshake {
+/**
+ * Where a handshake stands (wireguard-go's handshake states): every create/consume checks it first and moves it on
+ * only after all its checks passed, so a message that failed leaves the state as it was (the session layer drops
+ * the session on any failure; the tests replay a corrected message into the same handshake).
+ */
+export type HandshakeState = 'start' | 'awaiting message 1' | 'awaiting message 2' | 'awaiting message 3' | 'established';
+
+/** What the session layer drives, whichever side it is on. */
+export interface Handshake {
+  readonly state: HandshakeState;
+  /** the protocol version in use; 0 on the server until message 1 named one */
   readonly version: number;
+  /** the traffic keys, once `state` is `established` */
+  readonly keys: TrafficKeys | null;
+  /**
+   * Length of the next message expected from the peer, given the first bytes buffered so far (`head`): null while
+   * `head` does not tell yet (the server needs message 1's version byte), 0 when nothing more is expected.
+   * Throws AUTH_FAILED for a version byte that names no version.
+   */
+  nextLength(head: Uint8Array): number | null;
+  /** Consume the next message (exactly `nextLength` bytes); returns the answer to send, or null. Throws on failure. */
+  consume(message: Uint8Array): Uint8Array | null;
+}
+
+function expectState(actual: HandshakeState, wanted: HandshakeState, what: string): void {
+  if (actual !== wanted) throw new VpnError('AUTH_FAILED', `${what} out of order (handshake is ${actual})`);
+}
+
+/** The client side: createMessage1 (C1), consumeMessage2 (C2, returns message 3 = C3), then `keys`. */
+export class ClientHandshake implements Handshake {
+  readonly version: number;
+  state: HandshakeState = 'start';
   private readonly lt: LongTermKeys;
   private readonly o: HandshakeOptions;
   private sk: Uint8Array | null = null;
@@ -173,8 +190,22 @@ export class ClientHandshake {
     this.o = o;
   }
 
+  nextLength(): number | null {
+    if (this.state !== 'awaiting message 2') return 0;
+    return this.version === VERSION_2 ? MSG2_V2_LEN : MSG2_V1_LEN;
+  }
+
+  consume(message: Uint8Array): Uint8Array {
+    return this.consumeMessage2(message);
+  }
+
   /** C1: session key, IV and R_A (and E_C in v2) → message 1. */
   createMessage1(): Uint8Array {
+    expectState(this.state, 'start', 'createMessage1');
+    return this.c1();
+  }
+
+  private c1(): Uint8Array {
     const rnd = this.o.random ?? randomBytes;
     const sk = rnd(KEY_LEN);
     const iv = rnd(IV_LEN);
@@ -186,7 +217,7 @@ export class ClientHandshake {
       this.eph = this.o.random ? (() => { const s = rnd(KEY_LEN); return { secretKey: s, publicKey: e.x25519Public(s) }; })() : e.x25519Keygen();
       parts.push(this.eph.publicKey);
     }
-    const m1 = concat(...parts);
+    const m1 = concatBytes(...parts);
     const t = this.o.trace;
     if (t) {
       t('C1 session key (secret)', sk);
@@ -199,22 +230,27 @@ export class ClientHandshake {
     this.sk = sk;
     this.ra = ra;
     this.m1 = m1;
+    this.state = 'awaiting message 2';
     return m1;
   }
 
   /** C2 + C3: verify message 2 (constant time), then answer with message 3 and derive the traffic keys. */
   consumeMessage2(m2: Uint8Array): Uint8Array {
-    if (!this.m1 || !this.sk || !this.ra || this.keys) throw new Error('consumeMessage2 out of order');
+    expectState(this.state, 'awaiting message 2', 'consumeMessage2');
+    return this.c2(m2);
+  }
+
+  private c2(m2: Uint8Array): Uint8Array {
     const v2 = this.version === VERSION_2;
     expectLen('message 2', m2, v2 ? MSG2_V2_LEN : MSG2_V1_LEN);
     const body = m2.subarray(0, m2.length - MAC_LEN);
     const mac = m2.subarray(m2.length - MAC_LEN);
     const authMac = this.o.engine.mac(this.lt.auth);
-    const expect = authMac(this.m1, body, LABEL_SRVR);
+    const expect = authMac(this.m1!, body, LABEL_SRVR);
     this.o.trace?.('message 2', m2);
     if (!equalBytes(expect, mac)) throw new VpnError('AUTH_FAILED', 'message 2 failed verification (wrong secret, or not a vpn server)');
     const rb = m2.slice(0, NONCE_LEN);
-    let ikm = this.sk;
+    let ikm = this.sk!;
     if (v2) {
       const es = m2.slice(NONCE_LEN, NONCE_LEN + PUB_LEN);
       let dh: Uint8Array;
@@ -226,14 +262,15 @@ export class ClientHandshake {
         this.eph!.secretKey.fill(0);
       }
       this.o.trace?.('C2 X25519 shared secret (secret)', dh);
-      ikm = concat(this.sk, dh);
+      ikm = concatBytes(this.sk!, dh);
       dh.fill(0);
     }
-    const m3 = authMac(this.m1, m2, LABEL_CLNT);
+    const m3 = authMac(this.m1!, m2, LABEL_CLNT);
     this.o.trace?.('message 3', m3);
-    this.keys = deriveTraffic(this.version, ikm, this.ra, rb, this.m1, m2, m3, 'client', this.o.trace);
+    this.keys = deriveTraffic(this.version, ikm, this.ra!, rb, this.m1!, m2, m3, 'client', this.o.trace);
     ikm.fill(0);
-    this.sk.fill(0);
+    this.sk!.fill(0);
+    this.state = 'established';
     return m3;
   }
 }
@@ -246,7 +283,8 @@ export function message1Length(versionByte: number): number {
 }
 
 /** The server side: consumeMessage1 (S1, returns message 2 = S2), then consumeMessage3 (S3) → traffic keys. */
-export class ServerHandshake {
+export class ServerHandshake implements Handshake {
+  state: HandshakeState = 'awaiting message 1';
   private readonly lt: LongTermKeys;
   private readonly o: HandshakeOptions & { requirePfs?: boolean };
   private m1: Uint8Array | null = null;
@@ -261,9 +299,26 @@ export class ServerHandshake {
     this.o = o;
   }
 
+  nextLength(head: Uint8Array): number | null {
+    if (this.state === 'awaiting message 3') return MSG3_LEN;
+    if (this.state !== 'awaiting message 1') return 0;
+    if (head.length < VERSION_LEN) return null;
+    return message1Length(head[0]!);
+  }
+
+  consume(message: Uint8Array): Uint8Array | null {
+    if (this.state === 'awaiting message 1') return this.consumeMessage1(message);
+    this.consumeMessage3(message);
+    return null;
+  }
+
   /** S1 + S2: check message 1's version and exact length, then answer with R_B (and E_S) and the SRVR HMAC. */
   consumeMessage1(m1: Uint8Array): Uint8Array {
-    if (this.m1) throw new Error('consumeMessage1 out of order');
+    expectState(this.state, 'awaiting message 1', 'consumeMessage1');
+    return this.s1(m1);
+  }
+
+  private s1(m1: Uint8Array): Uint8Array {
     if (m1.length < 1) throw new VpnError('AUTH_FAILED', 'empty message 1');
     const version = m1[0]!;
     expectLen('message 1', m1, message1Length(version));
@@ -286,9 +341,9 @@ export class ServerHandshake {
       }
       body.push(eph.publicKey);
     }
-    const bodyBytes = concat(...body);
+    const bodyBytes = concatBytes(...body);
     const mac = this.o.engine.mac(this.lt.auth)(m1, bodyBytes, LABEL_SRVR);
-    const m2 = concat(bodyBytes, mac);
+    const m2 = concatBytes(bodyBytes, mac);
     if (this.o.trace) {
       this.o.trace('message 1', m1);
       this.o.trace('S1 R_B', rb);
@@ -300,30 +355,38 @@ export class ServerHandshake {
     this.m2 = m2;
     this.rb = rb;
     this.dh = dh;
+    this.state = 'awaiting message 3';
     return m2;
   }
 
   /** S3: verify message 3 in constant time; only then unwrap the session key and derive the traffic keys. */
   consumeMessage3(m3: Uint8Array): TrafficKeys {
-    if (!this.m1 || !this.m2 || !this.rb || this.keys) throw new Error('consumeMessage3 out of order');
+    expectState(this.state, 'awaiting message 3', 'consumeMessage3');
+    return this.s3(m3);
+  }
+
+  private s3(m3: Uint8Array): TrafficKeys {
+    const m1 = this.m1!;
+    const m2 = this.m2!;
     expectLen('message 3', m3, MSG3_LEN);
-    const expect = this.o.engine.mac(this.lt.auth)(this.m1, this.m2, LABEL_CLNT);
+    const expect = this.o.engine.mac(this.lt.auth)(m1, m2, LABEL_CLNT);
     this.o.trace?.('message 3', m3);
     if (!equalBytes(expect, m3)) {
       this.dh?.fill(0);
       throw new VpnError('AUTH_FAILED', 'message 3 failed verification (wrong secret, or a replayed or altered handshake)');
     }
-    const iv = this.m1.subarray(VERSION_LEN, VERSION_LEN + IV_LEN);
-    const wrapped = this.m1.subarray(VERSION_LEN + IV_LEN, VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN);
-    const ra = this.m1.subarray(VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN, MSG1_V1_LEN);
+    const iv = m1.subarray(VERSION_LEN, VERSION_LEN + IV_LEN);
+    const wrapped = m1.subarray(VERSION_LEN + IV_LEN, VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN);
+    const ra = m1.subarray(VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN, MSG1_V1_LEN);
     const sk = this.o.engine.decryptCbc(this.lt.wrap, iv, wrapped, false);
     this.o.trace?.('S3 session key (secret)', sk);
-    const ikm = this.dh ? concat(sk, this.dh) : sk;
-    this.keys = deriveTraffic(this.version, ikm, ra, this.rb, this.m1, this.m2, m3, 'server', this.o.trace);
+    const ikm = this.dh ? concatBytes(sk, this.dh) : sk;
+    this.keys = deriveTraffic(this.version, ikm, ra, this.rb!, m1, m2, m3, 'server', this.o.trace);
     ikm.fill(0);
     sk.fill(0);
     this.dh?.fill(0);
     this.dh = null;
+    this.state = 'established';
     return this.keys;
   }
 }

@@ -1,10 +1,15 @@
 /**
  * stdio mode, the default: a line chat when stdin is a terminal, otherwise a binary-safe byte pipe like `nc`
  * (stdin → tunnel, tunnel → stdout; stdin EOF sends CLOSE).
+ *
+ * The process has one stdin and one stdout, so a stdio server serves one session at a time: the first client
+ * whose CONFIG arrives while none is active owns them; any other connection handshakes in its own Session and is
+ * refused (busy) without touching the active one.
  */
 import { createInterface } from 'node:readline';
+import { VpnError } from './errors.ts';
+import type { Mode } from './server.ts';
 import type { Session, SessionApp } from './session.ts';
-import type { VpnError } from './errors.ts';
 
 /**
  * stdout with real backpressure. Bun's process.stdout buffers without limit and its write callbacks fire before
@@ -71,6 +76,16 @@ export class StdioBridge {
     this.out.onDrain = () => this.session?.resumeInbound();
   }
 
+  /** Whether stdin is a terminal: a line chat rather than a byte pipe. */
+  get isChat(): boolean {
+    return this.chat;
+  }
+
+  /** Resolves once every byte written to stdout so far has left the process. */
+  drained(): Promise<void> {
+    return this.out.drain();
+  }
+
   /** Session callbacks for one session; `done` is called once when it ends. */
   app(done: (err: VpnError | null) => void): SessionApp {
     return {
@@ -119,7 +134,7 @@ export class StdioBridge {
       const reader = (this.reader ??= Bun.stdin.stream().getReader() as unknown as ReadableStreamDefaultReader<Uint8Array>);
       for (;;) {
         const s = this.session;
-        if (!s || s.phase !== 'open') return;
+        if (!s || !s.sending) return;
         const { value, done } = await reader.read();
         if (done) {
           this.stdinDone = true;
@@ -127,7 +142,7 @@ export class StdioBridge {
           return;
         }
         const cur = this.session;
-        if (!cur || cur.phase !== 'open') return; // the chunk is lost only because the session already ended
+        if (!cur || !cur.sending) return; // the chunk is lost only because the session already ended
         if (!cur.write(value)) await new Promise<void>((r) => (this.waitWritable = r));
       }
     } finally {
@@ -155,4 +170,45 @@ export class StdioBridge {
     this.partialLine = lines.pop() ?? '';
     for (const l of lines) this.out.write(`peer> ${l}\n`);
   }
+}
+
+/**
+ * The stdio mode for the serve skeleton (server) or a single connect (client). `mode` in CONFIG (§8): the client
+ * says "chat" for a terminal, "stdio" for a pipe; the server answers "stdio", or refuses while another session owns
+ * stdin and stdout.
+ */
+export function stdioMode(io: StdioBridge, role: 'client' | 'server'): Mode {
+  let owner: Session | null = null;
+  const idle: SessionApp = { onOpen() {}, onData() {}, onPeerClose() {}, onEnd() {} };
+  return {
+    onShutdown: io.isChat ? 'close' : 'wait', // a chat's Ctrl-C ends it with CLOSE; a pipe runs to its end
+    config: (_peer, session) => {
+      if (role === 'client') return { mode: io.isChat ? 'chat' : 'stdio' };
+      if (owner) return new VpnError('NETWORK', 'busy: this stdio server serves one session at a time; try again later');
+      owner = session;
+      return { mode: 'stdio' };
+    },
+    app: (session) => {
+      if (role === 'client') owner = session;
+      let app: SessionApp | null = null;
+      // Only the owner reaches stdin and stdout; the callbacks are looked up per event, since ownership is decided
+      // by the CONFIG exchange, after the session was made.
+      const mine = () => {
+        if (owner !== session) return idle;
+        app ??= io.app(() => {});
+        return app;
+      };
+      return {
+        onOpen: (s, cfg) => mine().onOpen(s, cfg),
+        onData: (p) => mine().onData(p),
+        onPeerClose: () => mine().onPeerClose(),
+        onWritable: () => mine().onWritable?.(),
+        onEnd: (err) => {
+          if (owner !== session) return;
+          mine().onEnd(err);
+          owner = null;
+        },
+      };
+    },
+  };
 }

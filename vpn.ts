@@ -1,26 +1,27 @@
 #!/usr/bin/env bun
 /**
- * vpn — a shared-secret VPN over TCP. The command line: `keygen`, `serve`, `connect`; flag parsing, where the
- * secret comes from, and the wiring of sessions to Bun's sockets. The protocol itself is in handshake.ts and
- * channel.ts (PROTOCOL.md); the modes are in stdio.ts, forward.ts and tun.ts.
+ * vpn — a shared-secret VPN over TCP. The command line: `keygen`, `serve`, `connect`. It turns argv into typed
+ * options (one parser per kind of value, with the allowed range in its message), finds the secret, and hands each
+ * mode to the skeleton in server.ts; nothing below it sees argv. The protocol is in handshake.ts and channel.ts
+ * (PROTOCOL.md); the modes are in stdio.ts, forward.ts and tun.ts; the sockets in net.ts.
  */
 import { randomBytes } from '@noble/ciphers/utils.js';
-import { existsSync, openSync, readFileSync, statSync, writeSync, closeSync, constants as fsc } from 'node:fs';
-import { parseArgs } from 'node:util';
-import { type Address, DEFAULT_HOST, DEFAULT_PORT, formatAddress, parseAddress } from './address.ts';
+import { closeSync, existsSync, openSync, readFileSync, statSync, writeSync, constants as fsc } from 'node:fs';
+import { type Address, type Cidr, DEFAULT_HOST, DEFAULT_PORT, parseAddress, parseCidr, parseRoute } from './address.ts';
 import { ENGINE_NAMES, getEngine } from './engine.ts';
 import { asVpnError, EXIT_OK, EXIT_USAGE, VpnError } from './errors.ts';
+import { forwardMode, localMode } from './forward.ts';
 import { keysFromKeyFile, keysFromPassphrase, KEYFILE_LEN, type LongTermKeys, VERSION_1, VERSION_2 } from './handshake.ts';
-import { connectLocal, serveForward } from './forward.ts';
-import { boundAddress, listenOn, logSessionEnd } from './server.ts';
 import { log } from './log.ts';
-import type { Socket } from 'bun';
-import { Session, sessionHandler, type SessionOptions } from './session.ts';
-import { StdioBridge } from './stdio.ts';
-import { keysFromSupervisor, parseWorkers, superviseWorkers, workerIndex } from './workers.ts';
-import { connectTun, DEFAULT_MTU, serveTun, wantsTun } from './tun.ts';
+import { connectOne, serve, serveLocal } from './server.ts';
+import type { SessionBase } from './session.ts';
+import { StdioBridge, stdioMode } from './stdio.ts';
+import { DEFAULT_MTU, MAX_MTU, MIN_MTU, openTunClient, openTunServer } from './tun.ts';
+import { checkIfName, checkTunSupport, DEFAULT_NAME } from './tundevice.ts';
+import { keysFromSupervisor, MAX_WORKERS, superviseWorkers, workerIndex } from './workers.ts';
+import pkg from './package.json' with { type: 'json' };
 
-export const VERSION = '0.1.0';
+export const VERSION: string = pkg.version;
 
 const USAGE_MAIN = `vpn ${VERSION} — a shared-secret VPN over TCP
 
@@ -52,8 +53,12 @@ const COMMON_HELP = `Common options:
   --engine noble|native  crypto engine: noble (pure JS, default) or native (Bun's built-in BoringSSL)
   --handshake-timeout S  seconds a peer has to complete the handshake (default 5)
   --keepalive S          send PING after S idle seconds; close after 3*S of silence; 0 = off (default 25)
+  --grace S              on SIGINT/SIGTERM: stop accepting, let open sessions run up to S seconds
+                         (chat and TUN send CLOSE first), then reset the rest and exit 1;
+                         exit 0 when all ended in time; a second signal resets at once (default 10)
   -v, --verbose          trace every handshake field and frame on stderr (PRINTS SECRET KEYS)
-  --step                 with -v: wait for Enter before each handshake message (teaching aid)
+  --step                 with -v, on a terminal: wait for Enter before each handshake message
+                         (a teaching aid; the handshake timeout waits too)
   --quiet                log errors only
   -h, --help             this help`;
 
@@ -64,16 +69,15 @@ keeps listening; each session's bytes go to stdout and come from stdin.
 
   --listen ADDR          HOST:PORT, [IPv6]:PORT or unix:/path (default ${DEFAULT_HOST}:${DEFAULT_PORT};
                          port 0 picks a free port). Prints "listening on HOST:PORT" once ready.
-  --once                 exit after the first session, with that session's exit status
+  --once                 stdio: exit after the first session, with that session's exit status
   --forward ADDR         forward mode: each session gets its own new connection to ADDR
                          (HOST:PORT or unix:/path, resolved per session), instead of stdio
   --proxy-protocol       with --forward: send a PROXY protocol v1 header to ADDR first,
                          naming the tunnel client's address and port
-  --max-conns N          open connections at most; more are refused (default 100)
+  --max-conns N          connections at most, handshaking or in session, in every mode;
+                         more are refused (default 100)
   --workers N            with --forward: N worker processes share the TCP port (SO_REUSEPORT),
                          so that one server uses N cores; --max-conns counts per worker
-  --grace S              on SIGINT/SIGTERM: send CLOSE on every session, wait up to S
-                         seconds for them to end, exit 0 (default 10)
   --require-pfs          refuse clients that offer protocol version 1 (--no-pfs)
   --tun ADDR/PREFIX      TUN mode (Linux, root): a layer-3 VPN; this server is ADDR on a new
                          interface and hands each client a free address of the subnet
@@ -95,13 +99,13 @@ Examples:
 const USAGE_CONNECT = `Usage: bun vpn.ts connect [HOST:PORT] [--key PATH | --secret TEXT] [options]
 
 Open a tunnel to a server (default ${DEFAULT_HOST}:${DEFAULT_PORT}). With a terminal on stdin it is a
-line chat; otherwise stdin goes to the peer and the peer's bytes to stdout.
+line chat; otherwise stdin goes to the peer and the peer's bytes to stdout — against a
+--forward server too, where it is a pipe into the forwarded service (a chat is refused there).
 
   --no-pfs               speak protocol version 1 (the original handshake, no forward secrecy)
   --local [HOST:]PORT    forward mode: listen on HOST:PORT (host default 127.0.0.1, or
                          unix:/path); each accepted connection gets its own tunnel session
   --max-conns N          with --local: open local connections at most (default 100)
-  --grace S              with --local: on SIGINT/SIGTERM wait up to S seconds (default 10)
   --tun auto|ADDR[/PREFIX]
                          TUN mode (Linux, root): a layer-3 VPN on a new interface, with
                          the address the server hands out (auto) or the one asked for
@@ -118,6 +122,9 @@ Examples:
   tar c dir | bun vpn.ts connect host:32694 --key vpn.key send bytes, like nc
   bun vpn.ts connect host:32694 --local 15432 --key vpn.key
                                                           reach the server's --forward target on 127.0.0.1:15432
+  ssh -o 'ProxyCommand bun vpn.ts connect host:32694 --key vpn.key' user@host
+                                                          a pipe into a --forward server (like spipe): here
+                                                          ssh through a server that forwards to port 22
 `;
 
 const USAGE_KEYGEN = `Usage: bun vpn.ts keygen PATH
@@ -127,58 +134,170 @@ Refuses to overwrite an existing file. Copy PATH to the other machine over a
 channel you trust (scp, a password manager) and pass it to both ends with --key.
 `;
 
-/** Every flag of every command; each command checks which ones it accepts. */
-const OPTIONS = {
-  listen: { type: 'string' },
-  key: { type: 'string' },
-  secret: { type: 'string' },
-  once: { type: 'boolean' },
-  verbose: { type: 'boolean', short: 'v' },
-  step: { type: 'boolean' },
-  quiet: { type: 'boolean' },
-  engine: { type: 'string' },
-  'no-pfs': { type: 'boolean' },
-  'require-pfs': { type: 'boolean' },
-  'handshake-timeout': { type: 'string' },
-  keepalive: { type: 'string' },
-  help: { type: 'boolean', short: 'h' },
-  forward: { type: 'string' },
-  local: { type: 'string' },
-  'max-conns': { type: 'string' },
-  grace: { type: 'string' },
-  'proxy-protocol': { type: 'boolean' },
-  workers: { type: 'string' },
-  tun: { type: 'string' },
-  'tun-name': { type: 'string' },
-  mtu: { type: 'string' },
-  route: { type: 'string', multiple: true },
-  version: { type: 'boolean' },
-} as const;
+// ---- argv → typed options ----
 
-const COMMAND_FLAGS: Record<string, string[]> = {
-  serve: ['listen', 'key', 'secret', 'once', 'verbose', 'step', 'quiet', 'engine', 'require-pfs', 'handshake-timeout', 'keepalive', 'help', 'forward', 'proxy-protocol', 'max-conns', 'workers', 'grace', 'tun', 'tun-name', 'mtu', 'route'],
-  connect: ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'no-pfs', 'handshake-timeout', 'keepalive', 'help', 'local', 'max-conns', 'grace', 'tun', 'tun-name', 'mtu', 'route'],
-  keygen: ['help'],
+type Kind = 'string' | 'boolean' | 'list';
+/** Every flag of every command: its kind, and its short form. Each command says which ones it accepts. */
+const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
+  listen: { kind: 'string' },
+  key: { kind: 'string' },
+  secret: { kind: 'string' },
+  once: { kind: 'boolean' },
+  verbose: { kind: 'boolean', short: 'v' },
+  step: { kind: 'boolean' },
+  quiet: { kind: 'boolean' },
+  engine: { kind: 'string' },
+  'no-pfs': { kind: 'boolean' },
+  'require-pfs': { kind: 'boolean' },
+  'handshake-timeout': { kind: 'string' },
+  keepalive: { kind: 'string' },
+  help: { kind: 'boolean', short: 'h' },
+  forward: { kind: 'string' },
+  local: { kind: 'string' },
+  'max-conns': { kind: 'string' },
+  grace: { kind: 'string' },
+  'proxy-protocol': { kind: 'boolean' },
+  workers: { kind: 'string' },
+  tun: { kind: 'string' },
+  'tun-name': { kind: 'string' },
+  mtu: { kind: 'string' },
+  route: { kind: 'list' },
 };
 
-type Flags = { [K in keyof typeof OPTIONS]?: (typeof OPTIONS)[K]['type'] extends 'string' ? string : boolean };
+const COMMON = ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
+const COMMAND_FLAGS: Record<string, string[]> = {
+  serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers'],
+  connect: [...COMMON, 'no-pfs', 'local'],
+  keygen: ['help'],
+};
+const COMMANDS = Object.keys(COMMAND_FLAGS);
 
-function seconds(flags: Flags, name: 'handshake-timeout' | 'keepalive' | 'grace', dflt: number): number {
-  const v = flags[name];
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < 0 || n > 86400 || (name === 'handshake-timeout' && n === 0)) {
-    throw new VpnError('USAGE', `--${name}: expected a number of seconds, got "${v}"`);
+interface Flags {
+  [name: string]: string | boolean | string[] | undefined;
+}
+interface ParsedArgs {
+  flags: Flags;
+  positionals: string[];
+}
+
+/** Parse `args` for `command`: `--name VALUE`, `--name=VALUE`, `-v`, `--` ends the options. Throws USAGE. */
+export function parseCommandLine(command: string, args: readonly string[]): ParsedArgs {
+  const allowed = COMMAND_FLAGS[command]!;
+  const flags: Flags = {};
+  const positionals: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--') {
+      positionals.push(...args.slice(i + 1));
+      break;
+    }
+    if (!a.startsWith('-') || a === '-') {
+      positionals.push(a);
+      continue;
+    }
+    let name: string;
+    let inline: string | undefined;
+    if (a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      name = eq < 0 ? a.slice(2) : a.slice(2, eq);
+      inline = eq < 0 ? undefined : a.slice(eq + 1);
+    } else {
+      const short = Object.entries(OPTIONS).find(([, o]) => o.short === a.slice(1));
+      if (!short) throw new VpnError('USAGE', `unknown option ${printable(a)} for ${command}`);
+      name = short[0];
+    }
+    const spec = OPTIONS[name];
+    if (!spec) throw new VpnError('USAGE', `unknown option --${printable(name)} for ${command}`);
+    if (!allowed.includes(name)) throw new VpnError('USAGE', `${command} does not take --${name}`);
+    if (spec.kind === 'boolean') {
+      if (inline !== undefined) throw new VpnError('USAGE', `--${name} takes no value`);
+      flags[name] = true;
+      continue;
+    }
+    let value = inline;
+    if (value === undefined) {
+      if (i + 1 >= args.length) throw new VpnError('USAGE', `--${name} needs a value`);
+      value = args[++i]!;
+    }
+    if (spec.kind === 'list') flags[name] = [...((flags[name] as string[] | undefined) ?? []), value];
+    else if (flags[name] !== undefined) throw new VpnError('USAGE', `--${name} is given twice`);
+    else flags[name] = value;
+  }
+  return { flags, positionals };
+}
+
+/** A value from the command line, safe to print in a message (control characters shown as `?`). */
+function printable(text: string): string {
+  const t = text.length > 60 ? `${text.slice(0, 60)}…` : text;
+  return t.replace(/[^\x20-\x7e\u00a0-\uffff]/g, '?');
+}
+
+/** A whole number from `min` to `max` for `--flag` (digits only: no 1e3, no 0x10). Throws USAGE naming the range. */
+export function integer(flag: string, text: string | undefined, dflt: number, min: number, max: number): number {
+  if (text === undefined) return dflt;
+  const n = Number(text);
+  if (!/^\d{1,9}$/.test(text) || n < min || n > max) {
+    throw new VpnError('USAGE', `--${flag}: expected a whole number from ${min} to ${max}, got "${printable(text)}"`);
   }
   return n;
 }
 
-function count(flags: Flags, name: 'max-conns', dflt: number): number {
-  const v = flags[name];
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1 || n > 1_000_000) throw new VpnError('USAGE', `--${name}: expected a positive whole number, got "${v}"`);
-  return n;
+/** A number of seconds from `min` to `max` for `--flag` (`1`, `0.5`); returns milliseconds. Throws USAGE naming the range. */
+export function seconds(flag: string, text: string | undefined, dflt: number, min: number, max: number, zero = true): number {
+  if (text === undefined) return dflt * 1000;
+  const n = Number(text);
+  if (!/^\d{1,6}(\.\d{1,3})?$/.test(text) || n < min || n > max || (!zero && n === 0)) {
+    throw new VpnError('USAGE', `--${flag}: expected a number of seconds from ${zero ? min : `more than ${min}`} to ${max}, got "${printable(text)}"`);
+  }
+  return n * 1000;
+}
+
+// ---- limits: the same defaults, bounds and messages in every mode ----
+const LIMITS = {
+  maxConns: { dflt: 100, min: 1, max: 100_000 },
+  graceS: { dflt: 10, min: 0, max: 86_400 },
+  handshakeTimeoutS: { dflt: 5, min: 0, max: 3_600 },
+  keepaliveS: { dflt: 25, min: 0, max: 86_400 },
+} as const;
+
+const str = (f: Flags, name: string) => f[name] as string | undefined;
+
+function maxConns(f: Flags): number {
+  const l = LIMITS.maxConns;
+  return integer('max-conns', str(f, 'max-conns'), l.dflt, l.min, l.max);
+}
+
+function graceMs(f: Flags): number {
+  const l = LIMITS.graceS;
+  return seconds('grace', str(f, 'grace'), l.dflt, l.min, l.max);
+}
+
+/** Refuse every flag of `names` that was given, with `why`. */
+function refuse(f: Flags, names: string[], why: (flag: string) => string): void {
+  for (const n of names) if (f[n] !== undefined) throw new VpnError('USAGE', why(`--${n}`));
+}
+
+// ---- TUN options ----
+
+const TUN_ONLY = ['tun-name', 'mtu', 'route'];
+
+function tunName(f: Flags): string {
+  return checkIfName(str(f, 'tun-name') ?? DEFAULT_NAME);
+}
+
+function mtu(f: Flags): number | undefined {
+  const t = str(f, 'mtu');
+  return t === undefined ? undefined : integer('mtu', t, 0, MIN_MTU, MAX_MTU);
+}
+
+function routes(f: Flags): Cidr[] {
+  return ((f.route as string[] | undefined) ?? []).map((t) => parseRoute(t));
+}
+
+/** The TUN flags without --tun: say how to ask for TUN mode. */
+function tunFlagsAlone(f: Flags, how: string): void {
+  const given = TUN_ONLY.filter((n) => f[n] !== undefined).map((n) => `--${n}`);
+  if (given.length > 0) throw new VpnError('USAGE', `${given.join(', ')} only ${given.length > 1 ? 'apply' : 'applies'} in TUN mode; add ${how}`);
 }
 
 // ---- secrets ----
@@ -240,13 +359,13 @@ async function promptHidden(question: string): Promise<string> {
 async function loadKeys(flags: Flags): Promise<LongTermKeys> {
   if (workerIndex() > 0) return await keysFromSupervisor(() => process.kill(process.pid, 'SIGTERM')); // serve --workers
   if (flags.key !== undefined && flags.secret !== undefined) throw new VpnError('USAGE', 'give either --key or --secret, not both');
-  if (flags.key !== undefined) {
+  if (typeof flags.key === 'string') {
     const raw = readKeyFile(flags.key);
     const keys = keysFromKeyFile(raw);
     raw.fill(0);
     return keys;
   }
-  if (flags.secret !== undefined) {
+  if (typeof flags.secret === 'string') {
     log.warn('warning: --secret is visible to other local users (ps, /proc); prefer --key or VPN_SECRET');
     return keysFromPassphrase(flags.secret);
   }
@@ -276,174 +395,155 @@ function keygen(positionals: string[]): number {
   return EXIT_OK;
 }
 
-/** Settings every session of this process shares. */
-export interface Settings {
-  keys: LongTermKeys;
-  flags: Flags;
-  base: Omit<SessionOptions, 'role' | 'config'>;
-}
-
-async function settings(flags: Flags, role: 'client' | 'server'): Promise<Settings> {
+/**
+ * The options every session of this process shares, from the flags; checks them all before the secret is read
+ * (a usage error never costs a passphrase prompt). Returns a function that loads the secret and completes them.
+ */
+function sessionBase(f: Flags, role: 'client' | 'server'): () => Promise<SessionBase> {
   let engine;
   try {
-    engine = getEngine(flags.engine ?? 'noble');
+    engine = getEngine(str(f, 'engine') ?? 'noble');
   } catch {
-    throw new VpnError('USAGE', `--engine: expected one of ${ENGINE_NAMES.join(', ')}, got "${flags.engine}"`);
+    throw new VpnError('USAGE', `--engine: expected one of ${ENGINE_NAMES.join(', ')}, got "${printable(str(f, 'engine')!)}"`);
   }
-  if (flags.step && !flags.verbose) throw new VpnError('USAGE', '--step needs -v');
-  const handshakeTimeoutMs = seconds(flags, 'handshake-timeout', 5) * 1000;
-  const keepaliveMs = seconds(flags, 'keepalive', 25) * 1000;
-  log.quiet = flags.quiet === true;
-  const keys = await loadKeys(flags);
-  let trace: ((line: string) => void) | undefined;
-  let step: ((what: string) => Promise<void>) | undefined;
-  if (flags.verbose) {
-    process.stderr.write('WARNING: -v prints secret key material (session and traffic keys); never share this output\n');
-    trace = (line) => process.stderr.write(`[${role}] ${line}\n`);
-  }
-  if (flags.step) {
-    step = async (what) => {
-      prompt(`[${role}] press Enter to ${what}`);
-    };
-  }
-  return {
-    keys,
-    flags,
-    base: {
+  if (f.verbose && f.quiet) throw new VpnError('USAGE', '-v (trace everything) and --quiet (errors only) contradict each other; give one');
+  if (f.step && !f.verbose) throw new VpnError('USAGE', '--step needs -v');
+  if (f.step && !process.stdin.isTTY) throw new VpnError('USAGE', '--step needs a terminal on stdin (it waits for Enter there, and a pipe would lose its data to the prompts)');
+  const h = LIMITS.handshakeTimeoutS;
+  const handshakeTimeoutMs = seconds('handshake-timeout', str(f, 'handshake-timeout'), h.dflt, h.min, h.max, false);
+  const k = LIMITS.keepaliveS;
+  const keepaliveMs = seconds('keepalive', str(f, 'keepalive'), k.dflt, k.min, k.max);
+  log.quiet = f.quiet === true;
+  return async () => {
+    const keys = await loadKeys(f);
+    let trace: ((line: string) => void) | undefined;
+    if (f.verbose) {
+      process.stderr.write('WARNING: -v prints secret key material (session and traffic keys); never share this output\n');
+      trace = (line) => process.stderr.write(`[${role}] ${line}\n`);
+    }
+    const step = f.step ? (what: string) => void prompt(`[${role}] press Enter to ${what}`) : undefined;
+    return {
       keys,
       engine,
-      version: flags['no-pfs'] ? VERSION_1 : VERSION_2,
-      requirePfs: flags['require-pfs'] === true,
+      version: f['no-pfs'] ? VERSION_1 : VERSION_2,
+      requirePfs: f['require-pfs'] === true,
       handshakeTimeoutMs,
       keepaliveMs,
       trace,
       step,
-    },
+    };
   };
 }
 
-function reportEnd(err: VpnError | null, who: string): number {
-  if (!err) return EXIT_OK;
-  log.error(`vpn: ${who}: ${err.sentence}`);
-  return err.exitStatus;
-}
-
-async function serveStdio(s: Settings, listen: Address): Promise<number> {
-  const bridge = new StdioBridge();
-  // Handshakes run in parallel; the one stdio stream belongs to one authenticated session at a time.
-  let active: Session | null = null;
-  const { promise: onceDone, resolve: onceResolve } = Promise.withResolvers<number>();
-  const handler = {
-    ...sessionHandler,
-    open(socket: Socket<{ session?: Session }>) {
-      socket.data = { session: undefined };
-      const app = bridge.app((err) => {
-        if (active === session) active = null;
-        logSessionEnd(session, err);
-        if (s.flags.once && (session.version !== 0 || !err)) onceResolve(err ? err.exitStatus : EXIT_OK);
-      });
-      const config = () => {
-        if (active) return new VpnError('NETWORK', 'busy: this stdio server serves one session at a time; try again later');
-        active = session;
-        return { mode: 'stdio' };
-      };
-      const session: Session = new Session(socket, { ...s.base, role: 'server', config }, {
-        ...app,
-        onOpen: (sess, cfg) => {
-          log.info(`session opened ${sess.peer} (protocol v${sess.version})`);
-          app.onOpen(sess, cfg);
-        },
-      });
-      socket.data.session = session;
-    },
-  };
-  const server = listenOn(listen, {}, handler);
-  process.stderr.write(`listening on ${formatAddress(boundAddress(listen, server))}\n`);
-  if (!s.flags.once) return await new Promise<number>(() => {});
-  const status = await onceDone;
-  server.stop(true);
-  return status;
-}
-
-async function connectStdio(s: Settings, target: Address): Promise<number> {
-  const bridge = new StdioBridge();
-  const { promise, resolve } = Promise.withResolvers<number>();
-  const handler = {
-    ...sessionHandler,
-    open(socket: any) {
-      socket.data = { session: undefined };
-      socket.data.session = new Session(socket, { ...s.base, role: 'client', config: () => ({ mode: 'stdio' }) }, bridge.app((err) => resolve(reportEnd(err, formatAddress(target)))));
-    },
-  };
-  try {
-    if (target.kind === 'unix') await Bun.connect({ unix: target.path, allowHalfOpen: true, data: {}, socket: handler });
-    else await Bun.connect({ hostname: target.host, port: target.port, allowHalfOpen: true, data: {}, socket: handler });
-  } catch (e) {
-    throw new VpnError('NETWORK', `cannot connect to ${formatAddress(target)} (${(e as Error).message})`);
+async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly string[]): Promise<number> {
+  if (positionals.length > 0) throw new VpnError('USAGE', `serve takes no positional arguments (did you mean --listen ${printable(positionals[0]!)}?)`);
+  const listenAddr = parseAddress(str(f, 'listen') ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen');
+  const limits = { listen: listenAddr, maxConns: maxConns(f), graceMs: graceMs(f) };
+  const tun = str(f, 'tun');
+  const forward = str(f, 'forward');
+  if (tun !== undefined) {
+    refuse(f, ['forward', 'proxy-protocol', 'workers'], (n) => `${n} belongs to port forwarding, not to TUN mode; use one or the other`);
+    refuse(f, ['once'], () => '--once does not apply to --tun; a TUN server serves every client until it is stopped');
+    if (tun === 'auto') throw new VpnError('USAGE', "serve --tun needs the server's tunnel address and subnet, as in --tun 10.66.0.1/24");
+    const o = { address: parseCidr(tun, '--tun'), name: tunName(f), mtu: mtu(f) ?? DEFAULT_MTU, routes: routes(f) };
+    const base = sessionBase(f, 'server');
+    checkTunSupport();
+    const b = await base();
+    const t = openTunServer(o);
+    try {
+      return await serve(b, limits, t.mode);
+    } finally {
+      t.close();
+    }
   }
-  return await promise;
+  tunFlagsAlone(f, '--tun ADDR/PREFIX');
+  if (forward !== undefined) {
+    refuse(f, ['once'], () => '--once does not apply to --forward; a forwarding server serves every client until it is stopped');
+    const target = parseAddress(forward, '--forward');
+    const workers = integer('workers', str(f, 'workers'), 1, 1, MAX_WORKERS);
+    if (workers > 1 && f.step) throw new VpnError('USAGE', '--workers cannot be used with --step');
+    const base = await sessionBase(f, 'server')();
+    if (workers > 1) return await superviseWorkers({ workers, listen: listenAddr, keys: base.keys, args: rawArgs, graceMs: limits.graceMs });
+    return await serve(base, { ...limits, reusePort: workerIndex() > 0 }, forwardMode(target, f['proxy-protocol'] === true));
+  }
+  refuse(f, ['proxy-protocol', 'workers'], (n) => `${n} needs --forward (stdio and TUN servers run in one process)`);
+  const base = await sessionBase(f, 'server')();
+  const io = new StdioBridge();
+  return await serve(base, { ...limits, once: f.once === true, beforeExit: () => io.drained() }, stdioMode(io, 'server'));
+}
+
+async function connectCommand(f: Flags, positionals: string[]): Promise<number> {
+  if (positionals.length > 1) throw new VpnError('USAGE', 'connect takes at most one address');
+  const target = parseAddress(positionals[0] ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, 'address');
+  const grace = graceMs(f);
+  const tun = str(f, 'tun');
+  const local = str(f, 'local');
+  if (local === undefined) refuse(f, ['max-conns'], () => '--max-conns applies to connect --local (a plain connect opens one session)');
+  if (tun !== undefined) {
+    refuse(f, ['local'], (n) => `${n} belongs to port forwarding, not to TUN mode; use one or the other`);
+    // A bare ADDR gets the server's prefix: -1 stands for "whatever the subnet is".
+    const request = tun === 'auto' ? null : parseCidr(tun, '--tun (auto, ADDR or ADDR/PREFIX)', -1);
+    const o = { request, name: tunName(f), mtu: mtu(f), routes: routes(f) };
+    const base = sessionBase(f, 'client');
+    checkTunSupport();
+    const b = await base();
+    const t = openTunClient(o);
+    try {
+      return await connectOne(b, target, grace, t.mode);
+    } finally {
+      t.close();
+    }
+  }
+  tunFlagsAlone(f, '--tun auto (or --tun ADDR/PREFIX)');
+  if (local !== undefined) {
+    const localAddr = parseAddress(local, '--local', DEFAULT_HOST);
+    const limits = { local: localAddr, server: target, maxConns: maxConns(f), graceMs: grace };
+    return await serveLocal(await sessionBase(f, 'client')(), limits, localMode);
+  }
+  const base = await sessionBase(f, 'client')();
+  const io = new StdioBridge();
+  return await connectOne(base, target, grace, stdioMode(io, 'client'), () => io.drained());
+}
+
+function helpFor(command: string | undefined): string {
+  return command === 'serve' ? USAGE_SERVE : command === 'connect' ? USAGE_CONNECT : command === 'keygen' ? USAGE_KEYGEN : USAGE_MAIN;
 }
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
-  if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
+  if (command === undefined) {
+    process.stderr.write(USAGE_MAIN);
+    return EXIT_USAGE;
+  }
+  if (command === '--help' || command === '-h' || command === 'help') {
     const topic = rest[0];
-    const text = topic === 'serve' ? USAGE_SERVE : topic === 'connect' ? USAGE_CONNECT : topic === 'keygen' ? USAGE_KEYGEN : USAGE_MAIN;
-    process.stdout.write(text);
-    return command === undefined ? EXIT_USAGE : EXIT_OK;
+    if (topic !== undefined && !COMMANDS.includes(topic)) throw new VpnError('USAGE', `help: unknown command "${printable(topic)}" (expected ${COMMANDS.join(', ')})`);
+    process.stdout.write(helpFor(topic));
+    return EXIT_OK;
   }
   if (command === '--version' || command === 'version') {
     process.stdout.write(`vpn ${VERSION}\n`);
     return EXIT_OK;
   }
-  const allowed = COMMAND_FLAGS[command];
-  if (!allowed) throw new VpnError('USAGE', `unknown command "${command}" (expected keygen, serve or connect)`);
-  let parsed;
+  if (!COMMANDS.includes(command)) throw new VpnError('USAGE', `unknown command "${printable(command)}" (expected ${COMMANDS.join(', ')})`);
+  let parsed: ParsedArgs;
   try {
-    parsed = parseArgs({ args: rest, options: OPTIONS, allowPositionals: true, strict: true });
+    parsed = parseCommandLine(command, rest);
   } catch (e) {
-    throw new VpnError('USAGE', (e as Error).message.replace(/^Unknown option/, 'unknown option').split('. To specify')[0]!);
+    throw Object.assign(asVpnError(e, 'USAGE'), { command });
   }
-  const flags = parsed.values as Flags;
-  for (const name of Object.keys(flags)) {
-    if (!allowed.includes(name)) throw new VpnError('USAGE', `${command} does not take --${name}`);
-  }
+  const { flags, positionals } = parsed;
   if (flags.help) {
-    process.stdout.write(command === 'serve' ? USAGE_SERVE : command === 'connect' ? USAGE_CONNECT : USAGE_KEYGEN);
+    process.stdout.write(helpFor(command));
     return EXIT_OK;
   }
-  if (command === 'keygen') return keygen(parsed.positionals);
-  if (command === 'serve') {
-    if (parsed.positionals.length > 0) throw new VpnError('USAGE', `serve takes no positional arguments (did you mean --listen ${parsed.positionals[0]}?)`);
-    const listen = parseAddress(flags.listen ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen');
-    if (flags.workers !== undefined && flags.forward === undefined) throw new VpnError('USAGE', '--workers needs --forward (stdio and TUN servers run in one process)');
-    if (wantsTun(flags)) return await serveTun(await settings(flags, 'server'), listen);
-    if (flags['proxy-protocol'] && flags.forward === undefined) throw new VpnError('USAGE', '--proxy-protocol needs --forward');
-    if (flags.forward !== undefined) {
-      const target = parseAddress(flags.forward, '--forward');
-      const maxConns = count(flags, 'max-conns', 100);
-      const graceMs = seconds(flags, 'grace', 10) * 1000;
-      const workers = parseWorkers(flags.workers);
-      if (workers > 1 && flags.step) throw new VpnError('USAGE', '--workers cannot be used with --step');
-      const s = await settings(flags, 'server');
-      if (workers > 1) return await superviseWorkers({ workers, listen, keys: s.keys, args: rest, graceMs });
-      return await serveForward(s.base, { listen, target, maxConns, graceMs, proxyProtocol: flags['proxy-protocol'] === true, reusePort: workerIndex() > 0 });
-    }
-    const s = await settings(flags, 'server');
-    return await serveStdio(s, listen);
+  try {
+    if (command === 'keygen') return keygen(positionals);
+    if (command === 'serve') return await serveCommand(flags, positionals, rest);
+    return await connectCommand(flags, positionals);
+  } catch (e) {
+    throw Object.assign(asVpnError(e, 'USAGE'), { command });
   }
-  if (parsed.positionals.length > 1) throw new VpnError('USAGE', 'connect takes at most one address');
-  const target = parseAddress(parsed.positionals[0] ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, 'address');
-  if (wantsTun(flags)) return await connectTun(await settings(flags, 'client'), target);
-  if (flags.local !== undefined) {
-    const local = parseAddress(flags.local, '--local', DEFAULT_HOST);
-    const maxConns = count(flags, 'max-conns', 100);
-    const graceMs = seconds(flags, 'grace', 10) * 1000;
-    const s = await settings(flags, 'client');
-    return await connectLocal(s.base, { local, server: target, maxConns, graceMs });
-  }
-  const s = await settings(flags, 'client');
-  return await connectStdio(s, target);
 }
 
 if (import.meta.main) {
@@ -452,6 +552,8 @@ if (import.meta.main) {
     (e) => {
       const err = asVpnError(e, 'USAGE');
       log.error(`vpn: ${err.sentence}`);
+      const command = (e as { command?: string }).command;
+      if (err.code === 'USAGE') log.error(`(bun vpn.ts ${command ? `${command} ` : ''}--help lists the options)`);
       process.exit(err.exitStatus === EXIT_OK ? EXIT_USAGE : err.exitStatus);
     },
   );

@@ -26,6 +26,7 @@
  */
 import type { Subprocess } from 'bun';
 import { type Address, formatAddress } from './address.ts';
+import { claimPort } from './net.ts';
 import { EXIT_NETWORK, EXIT_OK, VpnError } from './errors.ts';
 import type { LongTermKeys } from './handshake.ts';
 import { KEY_LEN } from './handshake.ts';
@@ -36,16 +37,6 @@ export const MAX_WORKERS = 64;
 const START_TIMEOUT_MS = 60_000;
 /** Extra time, past --grace, that workers get to exit before they are killed. */
 const STOP_SLACK_MS = 5_000;
-
-/** `--workers N`: 1 … MAX_WORKERS; throws USAGE otherwise. */
-export function parseWorkers(text: string | undefined): number {
-  if (text === undefined) return 1;
-  const n = Number(text);
-  if (!/^\d+$/.test(text) || !Number.isInteger(n) || n < 1 || n > MAX_WORKERS) {
-    throw new VpnError('USAGE', `--workers: expected a whole number from 1 to ${MAX_WORKERS}, got "${text}"`);
-  }
-  return n;
-}
 
 /** The worker number this process was started as by a supervisor (VPN_WORKER), or 0 for none. */
 export function workerIndex(): number {
@@ -115,21 +106,6 @@ interface Worker {
   listening: Promise<void>;
 }
 
-/** Bind `listen` once to check it (fixed port) or to pick the port (port 0). Throws NETWORK as a server would. */
-function claimPort(listen: Address & { kind: 'tcp' }): { port: number; release: () => void } {
-  const socket = { open: (s: { terminate(): void }) => s.terminate(), data() {} };
-  try {
-    if (listen.port !== 0) {
-      Bun.listen({ hostname: listen.host, port: listen.port, socket }).stop(true);
-      return { port: listen.port, release: () => {} };
-    }
-    const holder = Bun.listen({ hostname: listen.host, port: 0, socket, reusePort: true } as never) as { port: number; stop(force: boolean): void };
-    return { port: holder.port, release: () => holder.stop(true) };
-  } catch (e) {
-    throw new VpnError('NETWORK', `cannot listen on ${formatAddress(listen)} (${(e as Error).message})`);
-  }
-}
-
 export interface SuperviseOptions {
   workers: number;
   listen: Address;
@@ -142,7 +118,9 @@ export interface SuperviseOptions {
 /** Run the supervisor until every worker has exited; resolves with the exit status. */
 export async function superviseWorkers(o: SuperviseOptions): Promise<number> {
   if (o.listen.kind !== 'tcp') throw new VpnError('USAGE', '--workers needs a TCP --listen address (workers share a TCP port)');
-  const claim = claimPort(o.listen);
+  // A fixed port is bound once without SO_REUSEPORT to check it; port 0 with it, to learn the port (module header).
+  const claim = claimPort(o.listen, o.listen.port === 0);
+  if (o.listen.port !== 0) claim.release();
   const shown = formatAddress({ ...o.listen, port: claim.port });
   const args = workerArgs(o.args, shown);
   const script = process.argv[1]!;

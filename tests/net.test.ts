@@ -5,7 +5,7 @@
  */
 import { describe, expect, test } from 'bun:test';
 import { randomBytes } from 'node:crypto';
-import { corked, WriteQueue } from '../session.ts';
+import { corked, WriteQueue } from '../net.ts';
 
 const rand = (n: number) => new Uint8Array(randomBytes(n));
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');

@@ -11,19 +11,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Proc as BaseProc, until, VPN } from './helpers.ts';
 import { execIn, inNetns, must, Namespaces, netnsUnavailable, sh } from './netns.ts';
-import {
-  AddressPool,
-  DEFAULT_MTU,
-  formatIPv4,
-  MAX_PEER_QUEUE,
-  packetLength,
-  parseCidr,
-  parseRoute,
-  RECORD_OVERHEAD_MAX,
-  splitPackets,
-  TunRouter,
-  wantsTun,
-} from '../tun.ts';
+import { formatIPv4, parseCidr, parseRoute } from '../address.ts';
+import { AddressPool, DEFAULT_MTU, MAX_PEER_QUEUE, RECORD_OVERHEAD_MAX, TunRouter } from '../tun.ts';
+import { packetLength, splitPackets } from '../tundevice.ts';
 import { VpnError } from '../errors.ts';
 import { log } from '../log.ts';
 
@@ -180,8 +170,6 @@ describe('packets and flags', () => {
       expect(() => parseCidr(bad, '--tun')).toThrow(/--tun: expected an IPv4 address and prefix/);
     }
     expect(() => parseRoute('10.77.0.1/24')).toThrow(/did you mean 10\.77\.0\.0\/24/);
-    expect(wantsTun({ mtu: '1400' })).toBe(true);
-    expect(wantsTun({ listen: 'x' })).toBe(false);
   });
 });
 

@@ -1,0 +1,256 @@
+/**
+ * The Linux TUN device and the host around it: /dev/net/tun opened and configured with the TUNSETIFF ioctl through
+ * `bun:ffi` (IFF_TUN|IFF_NO_PI: every read(2) is one bare IP packet, every write(2) injects one), iproute2's `ip` for
+ * addresses, MTU, links and routes, the preflight checks that say what a host lacks, and the IP header fields the
+ * device and the router read.
+ *
+ * Reading the TUN fd: it is opened O_NONBLOCK and read through `Bun.file(fd).stream()`, which polls it on Bun's event
+ * loop (epoll) and never blocks it. One chunk may hold several packets (Bun reads until EAGAIN into one buffer, with
+ * at least 16 KiB free for each read(2), so with MTU ≤ MAX_MTU no packet is ever cut); IP's own length fields split
+ * them again. Writes are one packet per write(2).
+ */
+import { closeSync, existsSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
+import { type Cidr, formatCidr } from './address.ts';
+import { VpnError } from './errors.ts';
+import { log } from './log.ts';
+
+// ---- Linux ABI (linux/if_tun.h, linux/if.h, linux/capability.h) ----
+const TUN_PATH = '/dev/net/tun';
+/** _IOW('T', 202, int) */
+const TUNSETIFF = 0x400454ca;
+const IFF_TUN = 0x0001;
+const IFF_NO_PI = 0x1000;
+const IFNAMSIZ = 16;
+/** sizeof(struct ifreq): the name, then a 24-byte union whose first member is `short ifr_flags` */
+const IFREQ_LEN = IFNAMSIZ + 24;
+const CAP_NET_ADMIN = 12;
+/** keeps the fd (and so the interface) out of child processes such as `ip` */
+const O_CLOEXEC = 0o2000000;
+const EPERM = 1;
+const EBUSY = 16;
+const EINVAL = 22;
+/** The kernel numbers interfaces named with %d: vpn0, vpn1, … */
+export const DEFAULT_NAME = 'vpn%d';
+/** `ip` answers in milliseconds; a hung one must not hang the VPN. */
+const IP_TIMEOUT_MS = 10_000;
+
+// ---- IP packets ----
+
+/** Total length of the IP packet at `off` from its header, or 0 if there is no well-formed header there. */
+export function packetLength(b: Uint8Array, off = 0): number {
+  const rest = b.length - off;
+  if (rest < 1) return 0;
+  const version = b[off]! >> 4;
+  if (version === 4 && rest >= 20) {
+    const len = (b[off + 2]! << 8) | b[off + 3]!;
+    return len >= 20 ? len : 0;
+  }
+  if (version === 6 && rest >= 40) return 40 + ((b[off + 4]! << 8) | b[off + 5]!);
+  return 0;
+}
+
+export const isIPv4 = (p: Uint8Array) => p.length >= 20 && p[0]! >> 4 === 4;
+export const ipv4Src = (p: Uint8Array) => ((p[12]! << 24) | (p[13]! << 16) | (p[14]! << 8) | p[15]!) >>> 0;
+export const ipv4Dst = (p: Uint8Array) => ((p[16]! << 24) | (p[17]! << 16) | (p[18]! << 8) | p[19]!) >>> 0;
+
+/** Split a chunk of whole packets read from a TUN fd; returns how many bytes at its end were not a whole packet. */
+export function splitPackets(chunk: Uint8Array, onPacket: (p: Uint8Array) => void): number {
+  let off = 0;
+  while (off < chunk.length) {
+    const len = packetLength(chunk, off);
+    if (len === 0 || off + len > chunk.length) return chunk.length - off;
+    onPacket(chunk.subarray(off, off + len));
+    off += len;
+  }
+  return 0;
+}
+
+// ---- the host: preflight checks, `ip`, the device ----
+
+/**
+ * Throw USAGE (exit 2) with what to do when this host cannot run `--tun`: not Linux, no root/CAP_NET_ADMIN, no
+ * /dev/net/tun, or no iproute2.
+ */
+export function checkTunSupport(platform: string = process.platform): void {
+  if (platform !== 'linux') throw new VpnError('USAGE', `--tun works on Linux only (this is ${platform}); use stdio or port forwarding here`);
+  let capEff = -1n;
+  try {
+    const m = /^CapEff:\s*([0-9a-fA-F]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
+    if (m) capEff = BigInt(`0x${m[1]}`);
+  } catch {
+    // no /proc: let the ioctl say it
+  }
+  if (capEff >= 0n && (capEff & (1n << BigInt(CAP_NET_ADMIN))) === 0n) {
+    throw new VpnError('USAGE', '--tun needs root or the CAP_NET_ADMIN capability to create a network interface; run it with sudo');
+  }
+  if (!existsSync(TUN_PATH)) {
+    throw new VpnError('USAGE', `${TUN_PATH} does not exist: load the tun module (modprobe tun), or in a container pass the device in (--device ${TUN_PATH})`);
+  }
+  if (!Bun.which('ip')) throw new VpnError('USAGE', "--tun needs iproute2's ip command; install iproute2");
+}
+
+/** Run `ip ARGS`; throws USAGE with ip's own message when it fails. */
+function ip(args: string[]): string {
+  let r;
+  try {
+    r = Bun.spawnSync(['ip', ...args], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', timeout: IP_TIMEOUT_MS, killSignal: 'SIGKILL' });
+  } catch (e) {
+    throw new VpnError('USAGE', `cannot run ip (${(e as Error).message}); install iproute2`);
+  }
+  if (r.exitCode !== 0) throw new VpnError('USAGE', `ip ${args.join(' ')} failed: ${r.stderr.toString().trim() || `exit ${r.exitCode}`}`);
+  return r.stdout.toString();
+}
+
+let libc: ReturnType<typeof loadLibc> | undefined;
+function loadLibc() {
+  // Loaded on first use only, so that importing this module works on every platform.
+  const { dlopen, FFIType } = require('bun:ffi') as typeof import('bun:ffi');
+  return dlopen('libc.so.6', {
+    ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
+    __errno_location: { args: [], returns: FFIType.ptr },
+  });
+}
+
+function errno(): number {
+  const { read } = require('bun:ffi') as typeof import('bun:ffi');
+  const p = libc!.symbols.__errno_location();
+  return p ? read.i32(p, 0) : 0;
+}
+
+/** Interface names: IFNAMSIZ − 1 bytes of letters, digits and `_.-`, optionally one `%d` for the kernel to number. */
+export function checkIfName(name: string): string {
+  if (!/^[A-Za-z0-9_.-]*(%d)?[A-Za-z0-9_.-]*$/.test(name) || name.length === 0 || name.length >= IFNAMSIZ || name === '.' || name === '..') {
+    throw new VpnError('USAGE', `--tun-name: expected an interface name of at most ${IFNAMSIZ - 1} letters, digits, "_", "." or "-" (with an optional %d), got "${name}"`);
+  }
+  return name;
+}
+
+/** One TUN interface, owned by this process: the kernel removes it when the fd closes, even on SIGKILL. */
+export class TunDevice {
+  private closed = false;
+  private reader: ReadableStreamDefaultReader<Uint8Array> | null = null;
+  /** host routes this process added (`ip route del` on close) */
+  private pinned: string[][] = [];
+  readonly stats = { read: 0, written: 0, writeErrors: 0, malformed: 0 };
+
+  private constructor(
+    readonly fd: number,
+    readonly name: string,
+  ) {}
+
+  /** Create the interface (name pattern like `vpn%d`). Throws USAGE with the reason when the kernel refuses. */
+  static create(pattern = DEFAULT_NAME): TunDevice {
+    let fd: number;
+    try {
+      fd = openSync(TUN_PATH, fsc.O_RDWR | fsc.O_NONBLOCK | O_CLOEXEC);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EACCES' || code === 'EPERM') throw new VpnError('USAGE', `cannot open ${TUN_PATH} (${code}): --tun needs root or CAP_NET_ADMIN`);
+      throw new VpnError('USAGE', `cannot open ${TUN_PATH} (${code ?? (e as Error).message}); is the tun module loaded (modprobe tun)?`);
+    }
+    libc ??= loadLibc();
+    const { ptr } = require('bun:ffi') as typeof import('bun:ffi');
+    const ifr = new Uint8Array(IFREQ_LEN);
+    ifr.set(new TextEncoder().encode(pattern));
+    new DataView(ifr.buffer).setUint16(IFNAMSIZ, IFF_TUN | IFF_NO_PI, true);
+    if (libc.symbols.ioctl(fd, TUNSETIFF, ptr(ifr)) < 0) {
+      const err = errno();
+      closeSync(fd);
+      if (err === EPERM) throw new VpnError('USAGE', 'creating a TUN interface was refused (EPERM): --tun needs root or CAP_NET_ADMIN');
+      if (err === EBUSY) throw new VpnError('USAGE', `--tun-name ${pattern}: an interface of that name exists already`);
+      if (err === EINVAL) throw new VpnError('USAGE', `--tun-name ${pattern}: the kernel refused that name`);
+      throw new VpnError('USAGE', `creating a TUN interface failed (errno ${err})`);
+    }
+    const end = ifr.indexOf(0);
+    return new TunDevice(fd, new TextDecoder().decode(ifr.subarray(0, end < 0 || end > IFNAMSIZ ? IFNAMSIZ : end)));
+  }
+
+  /** Give the interface its address and MTU and bring it up (no IPv6 link-local address: this tunnel is IPv4). */
+  up(address: Cidr, mtu: number): void {
+    ip(['link', 'set', 'dev', this.name, 'mtu', String(mtu), 'addrgenmode', 'none']);
+    ip(['addr', 'add', formatCidr(address), 'dev', this.name]);
+    ip(['link', 'set', 'dev', this.name, 'up']);
+  }
+
+  /** Route `c` through the interface. */
+  addRoute(c: Cidr): void {
+    ip(['route', 'replace', formatCidr(c), 'dev', this.name]);
+  }
+
+  /**
+   * Keep the tunnel's own outer connection to `host` off the tunnel when a `--route` covers it: pin a host route
+   * through the path it takes now.
+   */
+  pinHostRoute(host: string): void {
+    const how = ip(['-o', '-4', 'route', 'get', host]);
+    const via = /\bvia (\S+)/.exec(how)?.[1];
+    const dev = /\bdev (\S+)/.exec(how)?.[1];
+    if (!dev || dev === this.name) return;
+    const args = ['route', 'add', `${host}/32`, ...(via ? ['via', via] : []), 'dev', dev];
+    try {
+      ip(args);
+      this.pinned.push(args);
+    } catch {
+      // a host route exists already: it is someone else's to keep
+    }
+  }
+
+  /** Start reading packets; `onPacket` gets each one (a view valid only during the call). */
+  start(onPacket: (p: Uint8Array) => void): void {
+    if (this.reader || this.closed) return;
+    const reader = Bun.file(this.fd).stream().getReader() as ReadableStreamDefaultReader<Uint8Array>;
+    this.reader = reader;
+    const each = (p: Uint8Array) => {
+      this.stats.read++;
+      onPacket(p);
+    };
+    void (async () => {
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done || this.closed) return;
+          if (splitPackets(value, each) > 0) this.stats.malformed++;
+        }
+      } catch (e) {
+        if (!this.closed) log.error(`vpn: reading ${this.name} failed: ${(e as Error).message}`);
+      }
+    })();
+  }
+
+  /** Inject one packet into the kernel (one write(2)); false if it was refused. */
+  write(p: Uint8Array): boolean {
+    if (this.closed) return false;
+    try {
+      writeSync(this.fd, p);
+      this.stats.written++;
+      return true;
+    } catch {
+      this.stats.writeErrors++;
+      return false;
+    }
+  }
+
+  /** Remove the pinned routes and close the fd, which removes the interface and its routes. Idempotent. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const args of this.pinned) {
+      try {
+        ip(['route', 'del', ...args.slice(2)]);
+      } catch {
+        // gone already
+      }
+    }
+    this.pinned = [];
+    try {
+      void this.reader?.cancel().catch(() => {});
+    } catch {
+      // not readable any more
+    }
+    try {
+      closeSync(this.fd);
+    } catch {
+      // the stream may have closed it
+    }
+  }
+}
