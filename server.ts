@@ -91,7 +91,8 @@ interface Conn {
 class Lifecycle {
   private readonly conns = new Set<Conn>();
   private state: 'running' | 'stopping' | 'aborting' = 'running';
-  private allGone = Promise.withResolvers<void>();
+  /** made when shutdown begins; resolved once the last connection is gone (or by the grace timer) */
+  private allGone: PromiseWithResolvers<void> | null = null;
   private readonly signalled = Promise.withResolvers<string>();
   private removeHandlers: () => void = () => {};
 
@@ -114,7 +115,7 @@ class Lifecycle {
 
   remove(c: Conn): void {
     this.conns.delete(c);
-    if (this.conns.size === 0) this.allGone.resolve();
+    if (this.conns.size === 0) this.allGone?.resolve();
   }
 
   /** Resolves with the signal's name on the first SIGINT/SIGTERM; a second one aborts everything at once. */
@@ -142,6 +143,7 @@ class Lifecycle {
    */
   async shutdown(why: string): Promise<boolean> {
     if (this.state === 'running') this.state = 'stopping';
+    const allGone = (this.allGone = Promise.withResolvers<void>());
     const open = [...this.conns].filter((c) => c.session?.opened);
     log.info(`shutting down (${why}): ${open.length} session(s) open, waiting up to ${this.graceMs / 1000} s for them to end`);
     for (const c of [...this.conns]) {
@@ -149,8 +151,8 @@ class Lifecycle {
       else if (this.onShutdown === 'close') c.session.close();
     }
     if (this.conns.size === 0) return true;
-    const timer = setTimeout(() => this.allGone.resolve(), this.graceMs);
-    await this.allGone.promise;
+    const timer = setTimeout(() => allGone.resolve(), this.graceMs);
+    await allGone.promise;
     clearTimeout(timer);
     if (this.conns.size === 0) return this.state !== 'aborting';
     this.abortAll(`the grace period (--grace ${this.graceMs / 1000}) is over`);
@@ -162,7 +164,7 @@ class Lifecycle {
     if (this.conns.size > 0) log.warn(`${why}: aborting ${this.conns.size} session(s)`);
     this.state = 'aborting';
     for (const c of [...this.conns]) c.abort(new VpnError('NETWORK', `aborted: ${why} and the session was still open`));
-    this.allGone.resolve();
+    this.allGone?.resolve();
   }
 }
 

@@ -435,6 +435,23 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     expect([...tunLinks(NS.c1), ...tunLinks(NS.c2), ...tunLinks(NS.srv)]).toEqual([]);
   });
 
+  test('--max-conns holds in TUN mode too: a client over the limit is refused with one log line, and the next gets in once a slot is free', async () => {
+    const { p: srv, port } = await startServer(['--max-conns', '1']);
+    const a = await startClient(NS.c1, port);
+    const over = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', keyPath, '--tun', 'auto']);
+    expect(await over.exit()).not.toBe(0);
+    expect(over.stderr).not.toContain('tunnel up');
+    expect(tunLinks(NS.c2)).toEqual([]);
+    await srv.waitFor(/connection limit reached \(--max-conns 1\): refusing new tunnel connections, first from 192\.168\.77\.6/);
+    a.p.kill('SIGTERM');
+    expect(await a.p.exit()).toBe(0);
+    const b = await startClient(NS.c2, port);
+    expect(b.addr).toBe('10.66.0.2');
+    await Bun.sleep(1000);
+    srv.kill('SIGTERM');
+    expect([await srv.exit(), await b.p.exit()], srv.stderr + b.p.stderr).toEqual([0, 0]);
+  });
+
   test('a wrong key: no tunnel address, no traffic, exit 3', async () => {
     const { p: srv, port } = await startServer();
     const bad = vpnIn(NS.c1, ['connect', `${SERVER1}:${port}`, '--key', wrongKeyPath, '--tun', 'auto']);
