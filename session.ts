@@ -105,6 +105,10 @@ export class Session {
   private lingerTimer?: ReturnType<typeof setTimeout>;
   private lastRecv = Date.now();
   private lastSend = Date.now();
+  /** when our outbound queue was last empty: a peer that stops reading is noticed by this, not by what it sends */
+  private lastEmpty = Date.now();
+  /** a PING arrived while our queue was not empty: one PONG is owed, sent when it drains (never more than one) */
+  private pongOwed = false;
   private pausedIn = false;
   private openedAt = 0;
   private authenticatedAt = 0;
@@ -203,6 +207,11 @@ export class Session {
 
   onDrain(): void {
     if (this.phaseNow === 'done') return;
+    this.lastEmpty = Date.now();
+    if (this.pongOwed) {
+      this.pongOwed = false;
+      this.sendRecord(RECORD.PONG);
+    }
     this.maybeFinish();
     if (this.sending) this.app.onWritable?.();
   }
@@ -353,7 +362,10 @@ export class Session {
         this.maybeFinish();
         return;
       case RECORD.PING:
-        this.sendRecord(RECORD.PONG);
+        // Under the same backpressure as data: answered at once only when nothing is queued, else one PONG is
+        // owed until the queue drains — a peer that floods PINGs and never reads makes us hold nothing more.
+        if (this.transport.empty) this.sendRecord(RECORD.PONG);
+        else this.pongOwed = true;
         return;
       case RECORD.PONG:
         return;
@@ -403,6 +415,11 @@ export class Session {
     const k = this.o.keepaliveMs;
     if (!this.pausedIn && now - this.lastRecv >= 3 * k) {
       this.finish(new VpnError('DEAD_PEER', `nothing heard from the peer for ${(3 * k) / 1000} s`), 'close');
+      return;
+    }
+    if (this.transport.empty) this.lastEmpty = now;
+    else if (now - this.lastEmpty >= 3 * k) {
+      this.finish(new VpnError('DEAD_PEER', `the peer stopped reading: nothing it was sent was taken for ${(3 * k) / 1000} s`), 'close');
       return;
     }
     if (now - this.lastSend >= k && this.transport.empty) this.sendRecord(RECORD.PING);

@@ -7,6 +7,7 @@
 import { describe, expect, test } from 'bun:test';
 import { nobleEngine } from '../engine.ts';
 import { VpnError } from '../errors.ts';
+import { RECORD } from '../channel.ts';
 import { keysFromKeyFile } from '../handshake.ts';
 import { type Json, Session, type SessionApp, type SessionOptions, type Transport } from '../session.ts';
 import { random, spied, until } from './helpers.ts';
@@ -316,3 +317,25 @@ describe('backpressure', () => {
     expect(r.client.queued).toBe(0);
   });
 });
+
+describe('a key holder that floods PINGs and never reads', () => {
+  test('gets at most one PONG queued, however many PINGs it sends, and is ended as stalled within three keepalive intervals', async () => {
+    const r = rig({ server: { keepaliveMs: 60 } });
+    await opened(r);
+    r.client.pauseInbound(); // the flooder never reads what the server sends
+    const ping = () => (r.client as unknown as { sendRecord(t: number): boolean }).sendRecord(RECORD.PING);
+    const t0 = Date.now();
+    let maxQueued = 0;
+    while (r.server.phase !== 'done' && Date.now() - t0 < 3000) {
+      for (let i = 0; i < 100; i++) ping();
+      await Bun.sleep(5);
+      maxQueued = Math.max(maxQueued, r.server.queued);
+    }
+    const err = await r.sapp.done.promise;
+    expect(err?.code).toBe('DEAD_PEER');
+    expect(err?.message).toMatch(/stopped reading/);
+    expect(Date.now() - t0).toBeLessThan(1000); // 3 × 60 ms, checked every 50 ms
+    expect(maxQueued).toBeLessThanOrEqual(68); // one PONG frame: 4 + 16 + 16 + 32 bytes
+  });
+});
+
