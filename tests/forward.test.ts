@@ -3,10 +3,10 @@
  * → an HTTP server or a TCP server in this test process.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import type { Socket, Subprocess, TCPSocketListener } from 'bun';
+import type { Socket, TCPSocketListener } from 'bun';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { forwardPair, keygen, random, ROOT, rssKiB, sha256, tempDir, until, VPN, VpnProcess } from './helpers.ts';
+import { forwardPair, keygen, Pty, random, rssKiB, sha256, tempDir, until, VPN, VpnProcess } from './helpers.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
@@ -381,46 +381,6 @@ describe('logs', () => {
 
 // ---- the behaviour of the restructured forward mode (these tests specify it; see the commit message) ----
 
-/**
- * `bun vpn.ts ARGS…` on a real pseudo-terminal (script(1)): what it prints (stdout and stderr, merged by the
- * terminal) is collected as it comes; `type` is a user typing.
- */
-class Pty {
-  readonly p: Subprocess<'pipe', 'pipe', 'pipe'>;
-  out = '';
-  private readonly done: Promise<void>;
-  constructor(args: string[]) {
-    const p = Bun.spawn(['script', '-qfec', ['bun', 'vpn.ts', ...args].join(' '), '/dev/null'], {
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
-      cwd: ROOT,
-    });
-    this.p = p;
-    this.done = (async () => {
-      const d = new TextDecoder();
-      for await (const chunk of p.stdout) this.out += d.decode(chunk, { stream: true });
-    })();
-  }
-  async type(text: string): Promise<void> {
-    this.p.stdin.write(text);
-    await this.p.stdin.flush();
-  }
-  /** The command's exit status (script -e passes it on), or -1 if it had not exited after `ms`. */
-  async exit(ms = 15000): Promise<number> {
-    const code = await Promise.race([this.p.exited, Bun.sleep(ms).then(() => -1)]);
-    await Promise.race([this.done, Bun.sleep(1000)]);
-    return code;
-  }
-  [Symbol.dispose](): void {
-    try {
-      this.p.stdin.end();
-    } catch {
-      // already closed
-    }
-    this.p.kill('SIGKILL');
-  }
-}
 
 describe('a terminal chat is not sent into a forwarded service; a pipe is', () => {
   test('a chat on a terminal against serve --forward exits 2 naming forward mode, and the target never gets a byte', async () => {

@@ -8,8 +8,8 @@
  * graceful shutdown, a new CLI parser); they fail against the code from before it.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import type { Socket, Subprocess, TCPSocketListener } from 'bun';
-import { forwardPair, keygen, random, ROOT, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+import type { Socket, TCPSocketListener } from 'bun';
+import { forwardPair, keygen, Pty, random, sha256, tempDir, until, VpnProcess } from './helpers.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
@@ -204,66 +204,6 @@ async function feedSlowly(p: VpnProcess, data: Uint8Array, ms = 60, end = true):
   }
 }
 
-/**
- * `bun vpn.ts ARGS…` on a real pseudo-terminal (script(1)): what it prints (stdout and stderr, merged by the
- * terminal) is collected as it comes, `waitFor` waits for a pattern in it, `type` is a user typing.
- */
-class Pty {
-  readonly p: Subprocess<'pipe', 'pipe', 'pipe'>;
-  out = '';
-  private waiters: { re: RegExp; resolve: () => void }[] = [];
-  private readonly done: Promise<void>;
-  constructor(args: string[]) {
-    const p = Bun.spawn(['script', '-qfec', ['bun', 'vpn.ts', ...args].join(' '), '/dev/null'], {
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
-      cwd: ROOT,
-    });
-    this.p = p;
-    this.done = (async () => {
-      const d = new TextDecoder();
-      for await (const chunk of p.stdout) {
-        this.out += d.decode(chunk, { stream: true });
-        this.waiters = this.waiters.filter((w) => !(w.re.test(this.out) && (w.resolve(), true)));
-      }
-    })();
-  }
-  async waitFor(re: RegExp, ms = 15000): Promise<void> {
-    if (re.test(this.out)) return;
-    const { promise, resolve, reject } = Promise.withResolvers<void>();
-    this.waiters.push({ re, resolve });
-    const t = setTimeout(() => reject(new Error(`timed out waiting for ${re} on the terminal:\n${this.out}`)), ms);
-    void this.p.exited.then(async () => {
-      await Promise.race([this.done, Bun.sleep(1000)]);
-      if (re.test(this.out)) resolve();
-      else reject(new Error(`exited (${this.p.exitCode}) before ${re} appeared on the terminal:\n${this.out}`));
-    });
-    try {
-      await promise;
-    } finally {
-      clearTimeout(t);
-    }
-  }
-  async type(text: string): Promise<void> {
-    this.p.stdin.write(text);
-    await this.p.stdin.flush();
-  }
-  /** The command's exit status (script -e passes it on), or -1 if it had not exited after `ms`. */
-  async exit(ms = 15000): Promise<number> {
-    const code = await Promise.race([this.p.exited, Bun.sleep(ms).then(() => -1)]);
-    await Promise.race([this.done, Bun.sleep(1000)]);
-    return code;
-  }
-  [Symbol.dispose](): void {
-    try {
-      this.p.stdin.end();
-    } catch {
-      // already closed
-    }
-    this.p.kill('SIGKILL');
-  }
-}
 
 // ---- forward mode ----
 
