@@ -14,7 +14,7 @@ import { type Address, formatAddress } from './address.ts';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { dial, type Link, type LinkEvents } from './net.ts';
-import type { LocalMode, Mode } from './server.ts';
+import { type LocalMode, type Mode, modeName } from './server.ts';
 import type { Json, Session, SessionApp } from './session.ts';
 
 /**
@@ -134,7 +134,7 @@ export function forwardMode(target: Address, proxyProtocol: boolean): Mode {
         return new VpnError('USAGE', 'this server forwards to a TCP port, and a terminal chat would type into that service; pipe data in instead (connect < file), or use connect --local PORT');
       }
       if (peer.mode !== 'forward' && peer.mode !== 'stdio') {
-        return new VpnError('USAGE', `this server forwards to a TCP port; a ${typeof peer.mode === 'string' ? `"${peer.mode.slice(0, 20).replace(/[^\x20-\x7e]/g, '?')}"` : 'mode-less'} client cannot use it`);
+        return new VpnError('USAGE', `this server forwards to a TCP port; a ${modeName(peer.mode)} client cannot use it`);
       }
       return { mode: 'forward' };
     },
@@ -160,6 +160,8 @@ export function forwardMode(target: Address, proxyProtocol: boolean): Mode {
 /** `connect --local`: the local socket of each accepted connection, bridged to its own session. */
 export const localMode: LocalMode = {
   config: () => ({ mode: 'forward' }),
+  accept: (answer) =>
+    answer.mode === 'forward' ? null : new VpnError('USAGE', `the server answered ${modeName(answer.mode)}, not port forwarding; start it with serve --forward HOST:PORT`),
   bridge: (local, done) => {
     const b = new Bridge(done);
     b.attachTcp(local); // paused by serveLocal until the session is open

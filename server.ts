@@ -17,7 +17,7 @@ import { formatAddress } from './address.ts';
 import { EXIT_NETWORK, EXIT_OK, VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { dial, type Link, listen } from './net.ts';
-import { type Json, Session, type SessionApp, type SessionBase } from './session.ts';
+import { escapeText, type Json, Session, type SessionApp, type SessionBase } from './session.ts';
 
 /** What a mode supplies: its CONFIG, its app, and what its open sessions do when the process shuts down. */
 export interface Mode {
@@ -29,6 +29,20 @@ export interface Mode {
   readonly onShutdown: 'wait' | 'close';
   /** A line of its own when a session opened (the skeleton logs `session opened` first). */
   describe?(session: Session): string | undefined;
+  /** client: check the server's CONFIG answer; a VpnError refuses it (§8: CLOSE with the reason, then the end). */
+  accept?(answer: Json): VpnError | null;
+}
+
+/** A peer's `mode` field, quoted and made safe for a sentence. */
+export function modeName(mode: unknown): string {
+  return typeof mode === 'string' ? `"${escapeText(mode, 20)}"` : 'no mode';
+}
+
+/** The client side's onOpen: the mode checks the server's answer first, and refuses it cleanly if it cannot use it. */
+function acceptAnswer(mode: { accept?(answer: Json): VpnError | null }, s: Session, cfg: Json, open: () => void): void {
+  const bad = mode.accept?.(cfg);
+  if (bad) s.refuse(bad);
+  else open();
 }
 
 /** One line for the end of a session: a failed handshake (rate-limited per address), a refusal, or its figures. */
@@ -255,7 +269,7 @@ export async function connectOne(base: SessionBase, target: Address, graceMs: nu
     const ended = Promise.withResolvers<VpnError | null>();
     let app: SessionApp | null = null;
     const session: Session = new Session(link, { ...base, role: 'client', config: (peer) => mode.config(peer, session) }, {
-      onOpen: (s, cfg) => app!.onOpen(s, cfg),
+      onOpen: (s, cfg) => acceptAnswer(mode, s, cfg, () => app!.onOpen(s, cfg)),
       onData: (p) => app!.onData(p),
       onPeerClose: () => app!.onPeerClose(),
       onWritable: () => app!.onWritable?.(),
@@ -301,6 +315,7 @@ export interface LocalMode {
   /** The app joining `local` to its session; `done` must run once when both sides are over. */
   bridge(local: Link, done: (err: VpnError | null) => void): SessionApp;
   config(): Json;
+  accept?(answer: Json): VpnError | null;
 }
 
 /**
@@ -346,10 +361,11 @@ export async function serveLocal(base: SessionBase, o: LocalOptions, mode: Local
         }
         session = new Session(link, { ...base, role: 'client', config: () => mode.config() }, {
           ...app,
-          onOpen: (s, cfg) => {
-            log.info(`session opened ${server} for ${from} (protocol v${s.version})`);
-            app.onOpen(s, cfg);
-          },
+          onOpen: (s, cfg) =>
+            acceptAnswer(mode, s, cfg, () => {
+              log.info(`session opened ${server} for ${from} (protocol v${s.version})`);
+              app.onOpen(s, cfg);
+            }),
           onData: (p) => app.onData(p),
           onPeerClose: () => app.onPeerClose(),
           onWritable: () => app.onWritable?.(),

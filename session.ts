@@ -25,10 +25,8 @@ import { ClientHandshake, type Handshake, type LongTermKeys, REFUSE_V1, ServerHa
 // ---- Tuning constants (not part of the protocol) ----
 /** After a clean end, how long to wait for the peer's FIN before closing the transport anyway. */
 const LINGER_MS = 2000;
-/** Largest CONFIG record accepted (§8). */
+/** Largest CONFIG record accepted (§8), and largest refusal a CLOSE may carry (§7). */
 export const MAX_CONFIG = 4096;
-/** Bytes the handshake may buffer before it has keys: message 1 (or 2) plus message 3 plus one pipelined frame. */
-const MAX_HANDSHAKE_BUFFER = 113 + 32 + 4096;
 
 export type Json = Record<string, unknown>;
 
@@ -194,10 +192,9 @@ export class Session {
       this.feed(chunk);
       return;
     }
-    if (this.hsBuf.length + chunk.length > MAX_HANDSHAKE_BUFFER) {
-      this.finish(new VpnError('AUTH_FAILED', 'too many bytes during the handshake (not a vpn peer)'), 'close');
-      return;
-    }
+    // No bound is needed here beyond the chunk itself: each pump consumes every whole message buffered, so what
+    // stays is less than the next message (at most 112 bytes); bytes after message 3 — a pipelined CONFIG and
+    // DATA (§8) — go to the channel receiver, which bounds every frame (§6).
     const b = new Uint8Array(this.hsBuf.length + chunk.length);
     b.set(this.hsBuf);
     b.set(chunk, this.hsBuf.length);
@@ -356,11 +353,17 @@ export class Session {
         this.counts.bytesIn += payload.length;
         this.app.onData(payload);
         return;
-      case RECORD.CLOSE:
+      case RECORD.CLOSE: {
+        const refusal = payload.length > 0 ? readRefusal(payload, `the ${this.o.role === 'client' ? 'server' : 'client'} refused the session`) : null;
+        if (refusal) {
+          this.finish(refusal, 'close'); // the peer cannot use this session (§8): an end, but not a clean one
+          return;
+        }
         this.phaseNow = p === 'sentClose' ? 'flushing' : 'peerClosed';
         this.app.onPeerClose();
         this.maybeFinish();
         return;
+      }
       case RECORD.PING:
         // Under the same backpressure as data: answered at once only when nothing is queued, else one PONG is
         // owed until the queue drains — a peer that floods PINGs and never reads makes us hold nothing more.
@@ -393,10 +396,12 @@ export class Session {
         return;
       }
       this.sendConfig(answer);
-    } else if (typeof peer.error === 'string') {
-      const code = peer.code === 'NETWORK' ? 'NETWORK' : 'USAGE';
-      this.finish(new VpnError(code, `the server refused the session: ${peer.error.slice(0, 200)}`), 'close');
-      return;
+    } else {
+      const refusal = readRefusal(payload, 'the server refused the session', peer);
+      if (refusal) {
+        this.finish(refusal, 'close');
+        return;
+      }
     }
     clearTimeout(this.hsTimer);
     this.phaseNow = 'open';
@@ -456,6 +461,17 @@ export class Session {
     if (!this.sending || data.length > MAX_PAYLOAD) return false;
     this.counts.bytesOut += data.length;
     return this.sendRecord(RECORD.DATA, data);
+  }
+
+  /**
+   * The client cannot use the server's answer (a wrong mode, an invalid TUN set-up): say why in a CLOSE (§8) and
+   * end with `err`. The server learns the reason instead of seeing a truncated stream.
+   */
+  refuse(err: VpnError): void {
+    if (!this.sending) return;
+    this.phaseNow = 'flushing';
+    this.sendRecord(RECORD.CLOSE, new TextEncoder().encode(JSON.stringify({ error: err.message.slice(0, 1000), code: err.code })));
+    this.finish(err, 'linger');
   }
 
   /** Half-close: send CLOSE; we send no more data. The session ends once the peer's CLOSE has arrived too. */
@@ -518,3 +534,34 @@ export class Session {
     this.transport.close();
   }
 }
+
+/** Refusal codes (§8): what the refusing side's reason means for the other side's exit status. */
+const REFUSAL_CODES = new Set(['NETWORK', 'USAGE']);
+
+/**
+ * A refusal `{"error": TEXT, "code": CODE}` in a CONFIG or CLOSE payload (§8), or null when `payload` holds none.
+ * The text is the peer's: it is cut to 200 characters and every control character is shown as `?`, so it can reach
+ * a log line or a terminal. An unknown code counts as USAGE.
+ */
+export function readRefusal(payload: Uint8Array, what: string, parsed?: Json): VpnError | null {
+  let v: unknown = parsed;
+  if (v === undefined) {
+    if (payload.length > MAX_CONFIG) return null;
+    try {
+      v = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(payload));
+    } catch {
+      return null;
+    }
+  }
+  if (typeof v !== 'object' || v === null || typeof (v as Json).error !== 'string') return null;
+  const j = v as Json;
+  const code = typeof j.code === 'string' && REFUSAL_CODES.has(j.code) ? (j.code as 'NETWORK' | 'USAGE') : 'USAGE';
+  return new VpnError(code, `${what}: ${escapeText(String(j.error))}`);
+}
+
+/** Text from a peer, made safe for one log line or a terminal: at most `max` characters, controls shown as `?`. */
+export function escapeText(text: string, max = 200): string {
+  const t = text.length > max ? `${text.slice(0, max)}…` : text;
+  return t.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, '?');
+}
+

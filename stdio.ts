@@ -8,7 +8,7 @@
  */
 import { createInterface } from 'node:readline';
 import { VpnError } from './errors.ts';
-import type { Mode } from './server.ts';
+import { type Mode, modeName } from './server.ts';
 import type { Session, SessionApp } from './session.ts';
 
 /**
@@ -182,11 +182,22 @@ export function stdioMode(io: StdioBridge, role: 'client' | 'server'): Mode {
   const idle: SessionApp = { onOpen() {}, onData() {}, onPeerClose() {}, onEnd() {} };
   return {
     onShutdown: io.isChat ? 'close' : 'wait', // a chat's Ctrl-C ends it with CLOSE; a pipe runs to its end
-    config: (_peer, session) => {
+    config: (peer, session) => {
       if (role === 'client') return { mode: io.isChat ? 'chat' : 'stdio' };
+      if (peer.mode === 'tun') return new VpnError('USAGE', 'this server is not in TUN mode (it runs stdio mode); start it with serve --tun ADDR/PREFIX');
+      if (peer.mode === 'forward') return new VpnError('USAGE', 'this server runs stdio mode, not port forwarding; start it with serve --forward HOST:PORT, or connect without --local');
+      if (peer.mode !== 'stdio' && peer.mode !== 'chat') return new VpnError('USAGE', `this server runs stdio mode and the client asked for ${modeName(peer.mode)}`);
       if (owner) return new VpnError('NETWORK', 'busy: this stdio server serves one session at a time; try again later');
       owner = session;
       return { mode: 'stdio' };
+    },
+    // A pipe works into a forwarded service too (like spipe); a chat would type into it, so it does not.
+    accept: (answer) => {
+      if (answer.mode === 'stdio' || (answer.mode === 'forward' && !io.isChat)) return null;
+      if (answer.mode === 'forward') {
+        return new VpnError('USAGE', 'the server forwards to a TCP port, and a terminal chat would type into that service; pipe data in instead (connect < file), or use connect --local PORT');
+      }
+      return new VpnError('USAGE', `the server answered ${modeName(answer.mode)}, which a stdio client cannot use (is it a TUN server? connect with --tun auto)`);
     },
     app: (session) => {
       if (role === 'client') owner = session;

@@ -16,8 +16,8 @@ import { type Cidr, cidrContains, formatCidr, formatIPv4, maskOf, parseCidr, par
 import { BLOCK, FRAME_OVERHEAD, TYPE_LEN } from './channel.ts';
 import { asVpnError, VpnError } from './errors.ts';
 import { log } from './log.ts';
-import type { Mode } from './server.ts';
-import type { Json, Session } from './session.ts';
+import { type Mode, modeName } from './server.ts';
+import { escapeText, type Json, type Session } from './session.ts';
 import { ipv4Dst, ipv4Src, isIPv4, packetLength, TunDevice } from './tundevice.ts';
 
 // ---- MTU: one inner packet should fit one outer TCP segment on a 1500-byte path ----
@@ -34,6 +34,8 @@ export const MIN_MTU = 576;
 export const MAX_MTU = 9000;
 
 // ---- Tuning ----
+/** Most routes a server pushes, or a client accepts, in one CONFIG (§8.4). */
+export const MAX_ROUTES = 32;
 /** Drop packets for a peer whose outbound queue is above this (IP is lossy; the inner TCP backs off). */
 export const MAX_PEER_QUEUE = 1024 * 1024;
 
@@ -247,14 +249,14 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
     onShutdown: 'close', // packets are no stream to cut: tell every client we are going
     config: (peer: Json, session: Session): Json | VpnError => {
       if (peer.mode !== 'tun') {
-        return new VpnError('USAGE', `this server runs in TUN mode and the client asked for ${typeof peer.mode === 'string' ? `"${peer.mode.slice(0, 20).replace(/[^\x20-\x7e]/g, '?')}"` : 'stdio'} mode; connect with --tun auto`);
+        return new VpnError('USAGE', `this server runs in TUN mode and the client asked for ${modeName(peer.mode)}; connect with --tun auto`);
       }
       let request: Cidr | null = null;
       if (typeof peer.request === 'string') {
         try {
           request = parseCidr(peer.request, 'requested address', -1);
         } catch {
-          return new VpnError('USAGE', `cannot read the requested address "${peer.request.slice(0, 40).replace(/[^\x20-\x7e]/g, '?')}"`);
+          return new VpnError('USAGE', `cannot read the requested address "${escapeText(peer.request, 40)}"`);
         }
         if (request.prefix === -1) request = { addr: request.addr, prefix: pool.prefix };
       } else if (peer.request !== null && peer.request !== undefined) {
@@ -313,20 +315,24 @@ interface TunAnswer {
   routes: Cidr[];
 }
 
-/** Check the server's CONFIG answer (§8); throws USAGE for a server in another mode, INTEGRITY for nonsense. */
+/**
+ * Read the server's TUN answer (§8.4): address (A.B.C.D/N), server (A.B.C.D), mtu (MIN_MTU … MAX_MTU), routes (at most
+ * MAX_ROUTES network prefixes). Throws USAGE naming the field: the server is authenticated, so a bad answer is a
+ * broken or hostile server, not tampering on the path.
+ */
 function readAnswer(peer: Json): TunAnswer {
-  if (peer.mode !== 'tun') {
-    throw new VpnError('USAGE', `the server is not in TUN mode (it runs ${typeof peer.mode === 'string' ? `"${peer.mode.slice(0, 20).replace(/[^\x20-\x7e]/g, '?')}"` : 'another'} mode); start it with serve --tun ADDR/PREFIX`);
-  }
   try {
     const address = parseCidr(String(peer.address), 'address');
     const mtu = Number(peer.mtu);
-    if (!Number.isInteger(mtu) || mtu < MIN_MTU || mtu > MAX_MTU) throw new Error('mtu');
-    if (parseIPv4(String(peer.server)) === null) throw new Error('server');
-    const routes = Array.isArray(peer.routes) ? peer.routes.map((r) => parseRoute(String(r), 'route')) : [];
+    if (!Number.isInteger(mtu) || mtu < MIN_MTU || mtu > MAX_MTU) throw new Error(`mtu must be a whole number from ${MIN_MTU} to ${MAX_MTU}`);
+    if (parseIPv4(String(peer.server)) === null) throw new Error('server must be an IPv4 address');
+    if (peer.routes !== undefined && !Array.isArray(peer.routes)) throw new Error('routes must be a list');
+    const list = (peer.routes as unknown[] | undefined) ?? [];
+    if (list.length > MAX_ROUTES) throw new Error(`more than ${MAX_ROUTES} routes`);
+    const routes = list.map((r) => parseRoute(String(r), 'route'));
     return { address, server: String(peer.server), mtu, routes };
   } catch (e) {
-    throw new VpnError('INTEGRITY', `the server's TUN configuration is not valid (${(e as Error).message.slice(0, 200)})`);
+    throw new VpnError('USAGE', `the server sent a TUN configuration this client cannot use (${escapeText((e as Error).message)})`);
   }
 }
 
@@ -345,6 +351,8 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
   const mode: Mode = {
     onShutdown: 'close',
     config: () => ({ mode: 'tun', request }),
+    accept: (answer) =>
+      answer.mode === 'tun' ? null : new VpnError('USAGE', `the server is not in TUN mode (it answered ${modeName(answer.mode)}); start it with serve --tun ADDR/PREFIX`),
     app: (session, link) => ({
       onOpen: (sess: Session, peer: Json) => {
         try {
@@ -370,7 +378,7 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
           const via = routes.length ? `, routes ${routes.map(formatCidr).join(' ')}` : '';
           log.info(`tunnel up: ${dev.name} ${formatCidr(a.address)}, server ${a.server}, mtu ${mtu}${via} (protocol v${sess.version})`);
         } catch (e) {
-          sess.finish(asVpnError(e, 'USAGE'));
+          sess.refuse(asVpnError(e, 'USAGE'));
         }
       },
       onData: (p) => {

@@ -16,7 +16,7 @@ import { log } from './log.ts';
 import { connectOne, serve, serveLocal } from './server.ts';
 import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
-import { DEFAULT_MTU, MAX_MTU, MIN_MTU, openTunClient, openTunServer } from './tun.ts';
+import { DEFAULT_MTU, MAX_MTU, MAX_ROUTES, MIN_MTU, openTunClient, openTunServer } from './tun.ts';
 import { checkIfName, checkTunSupport, DEFAULT_NAME } from './tundevice.ts';
 import { keysFromSupervisor, MAX_WORKERS, superviseWorkers, workerIndex } from './workers.ts';
 import pkg from './package.json' with { type: 'json' };
@@ -291,7 +291,9 @@ function mtu(f: Flags): number | undefined {
 }
 
 function routes(f: Flags): Cidr[] {
-  return ((f.route as string[] | undefined) ?? []).map((t) => parseRoute(t));
+  const list = (f.route as string[] | undefined) ?? [];
+  if (list.length > MAX_ROUTES) throw new VpnError('USAGE', `--route: at most ${MAX_ROUTES} routes, got ${list.length}`);
+  return list.map((t) => parseRoute(t));
 }
 
 /** The TUN flags without --tun: say how to ask for TUN mode. */

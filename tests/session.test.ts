@@ -7,8 +7,8 @@
 import { describe, expect, test } from 'bun:test';
 import { nobleEngine } from '../engine.ts';
 import { VpnError } from '../errors.ts';
-import { RECORD } from '../channel.ts';
-import { keysFromKeyFile } from '../handshake.ts';
+import { ChannelSender, RECORD } from '../channel.ts';
+import { ClientHandshake, keysFromKeyFile } from '../handshake.ts';
 import { type Json, Session, type SessionApp, type SessionOptions, type Transport } from '../session.ts';
 import { random, spied, until } from './helpers.ts';
 
@@ -337,5 +337,69 @@ describe('a key holder that floods PINGs and never reads', () => {
     expect(Date.now() - t0).toBeLessThan(1000); // 3 × 60 ms, checked every 50 ms
     expect(maxQueued).toBeLessThanOrEqual(68); // one PONG frame: 4 + 16 + 16 + 32 bytes
   });
+});
+
+describe('session set-up and end as PROTOCOL.md §8 says', () => {
+  test('a pipelined first flight — message 3, CONFIG and 200 KiB of DATA in one write — is accepted and delivered in order', async () => {
+    const [cl, sl] = pair();
+    const sapp = new Recorder();
+    const server = new Session(sl, { keys: SECRET, engine: nobleEngine, handshakeTimeoutMs: 2000, keepaliveMs: 0, role: 'server', config: () => ({ mode: 'stdio' }) }, sapp);
+    sl.session = server;
+    server.start();
+    // The client is written by hand: the protocol's own pieces, no Session, so it can pipeline.
+    const hs = new ClientHandshake(SECRET, 2, { engine: nobleEngine });
+    const fromServer: Uint8Array[] = [];
+    cl.session = { onData: (c: Uint8Array) => void fromServer.push(c), onDrain() {}, onEnd() {}, onClose() {} } as unknown as Session;
+    cl.write(hs.createMessage1());
+    await until(() => fromServer.reduce((n, c) => n + c.length, 0) >= 96);
+    const m2 = new Uint8Array(Buffer.concat(fromServer)).subarray(0, 96);
+    const m3 = hs.consumeMessage2(m2);
+    const sender = new ChannelSender(nobleEngine, hs.keys!.send);
+    const payload = random(200 * 1024);
+    const parts = [m3, sender.seal(RECORD.CONFIG, new TextEncoder().encode('{"mode":"stdio"}'))];
+    for (let off = 0; off < payload.length; off += 65536) parts.push(sender.seal(RECORD.DATA, payload.subarray(off, off + 65536)));
+    parts.push(sender.seal(RECORD.CLOSE));
+    cl.write(new Uint8Array(Buffer.concat(parts)));
+    expect(await until(() => sapp.peerClosed, 5000)).toBe(true);
+    expect(sapp.opened).toEqual({ mode: 'stdio' });
+    expect(Buffer.compare(sapp.bytes, payload)).toBe(0);
+  });
+
+  test('a client that cannot use the answer refuses it with a CLOSE that says why: the server ends with that reason, not a truncation', async () => {
+    const r = rig({ server: { config: () => ({ mode: 'tun' }) } });
+    r.capp.onOpen = (s) => s.refuse(new VpnError('USAGE', 'the server answered "tun", which a stdio client cannot use'));
+    const [ce, se] = await Promise.all([r.capp.done.promise, r.sapp.done.promise]);
+    expect(ce?.code).toBe('USAGE');
+    expect(se?.code).toBe('USAGE');
+    expect(se?.message).toBe('the client refused the session: the server answered "tun", which a stdio client cannot use');
+    expect(r.cl.log[0]).toBe('shutdown'); // the refusal goes out before the end
+  });
+
+  test('a refusal text from the peer reaches logs with its control characters shown as "?"', async () => {
+    const r = rig({ server: { config: () => new VpnError('USAGE', 'bad\u001b[31m red\nsession opened forged') } });
+    const ce = await r.capp.done.promise;
+    expect(ce?.message).toBe('the server refused the session: bad?[31m red?session opened forged');
+  });
+
+  for (const first of ['client', 'server'] as const) {
+    test(`the end when the ${first} sends CLOSE first: both clean, each FIN after its own CLOSE, each closes on the peer's FIN`, async () => {
+      const r = rig();
+      await opened(r);
+      const [a, b] = first === 'client' ? [r.client, r.server] : [r.server, r.client];
+      const [aApp, bApp] = first === 'client' ? [r.capp, r.sapp] : [r.sapp, r.capp];
+      a.write(new TextEncoder().encode('last words'));
+      a.close();
+      await until(() => bApp.peerClosed);
+      expect(a.phase).toBe('sentClose');
+      expect(b.phase).toBe('peerClosed');
+      b.write(new TextEncoder().encode('reply'));
+      b.close();
+      expect(await aApp.done.promise).toBeNull();
+      expect(await bApp.done.promise).toBeNull();
+      expect(new TextDecoder().decode(bApp.bytes)).toBe('last words');
+      expect(new TextDecoder().decode(aApp.bytes)).toBe('reply');
+      expect(await until(() => r.cl.log.join() === 'shutdown,close' && r.sl.log.join() === 'shutdown,close', 3000)).toBe(true);
+    });
+  }
 });
 

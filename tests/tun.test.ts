@@ -491,7 +491,7 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     await stdioSrv.waitFor(/^listening on /m);
     const tunCli = vpnIn(NS.c1, ['connect', `${SERVER1}:${stdioPort}`, '--key', keyPath, '--tun', 'auto']);
     expect(await tunCli.exit()).toBe(2);
-    expect(tunCli.stderr).toMatch(/the server is not in TUN mode .*serve --tun ADDR\/PREFIX/);
+    expect(tunCli.stderr).toMatch(/the server refused the session: this server is not in TUN mode .*serve --tun ADDR\/PREFIX/);
     expect(tunLinks(NS.c1)).toEqual([]);
     stdioSrv.kill('SIGKILL');
     // a TUN client to a port-forwarding server
