@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from '
 import type { Socket, TCPSocketListener } from 'bun';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { forwardPair, keygen, Pty, random, rssKiB, sha256, tempDir, until, VPN, VpnProcess } from './helpers.ts';
+import { feedStdin, forwardPair, keygen, Pty, random, rssKiB, sha256, tempDir, until, VPN, VpnProcess } from './helpers.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
@@ -431,5 +431,23 @@ describe('a terminal chat is not sent into a forwarded service; a pipe is', () =
     } finally {
       http.kill('SIGKILL');
     }
+  });
+});
+
+describe('each side checks the mode (PROTOCOL.md §8.2)', () => {
+  test('connect --local against a stdio server: the server refuses the session by name, the app is reset, and the stdio server keeps its stdin for a real client', async () => {
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--once'], { stdin: 'pipe' });
+    const sport = await srv.listeningPort();
+    using cli = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--key', key, '--local', '127.0.0.1:0']);
+    const lport = await cli.listeningPort();
+    const r = await exchange(lport, new TextEncoder().encode('not for a stdio server'));
+    expect(r.data.length).toBe(0);
+    await srv.waitFor(/^session refused 127\.0\.0\.1:\d+: this server runs stdio mode, not port forwarding/m);
+    await cli.waitFor(/the server refused the session: this server runs stdio mode, not port forwarding/);
+    // --once was not used up by the refused session: a pipe client still gets the server's stdin.
+    using pipe = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--key', key], { stdin: 'pipe' });
+    await Promise.all([feedStdin(srv, new TextEncoder().encode('for the pipe')), feedStdin(pipe, new Uint8Array(0))]);
+    expect(new TextDecoder().decode(await pipe.stdoutBytes)).toBe('for the pipe');
+    expect([await pipe.exit(), await srv.exit()]).toEqual([0, 0]);
   });
 });
