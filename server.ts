@@ -292,8 +292,7 @@ export async function connectOne(base: SessionBase, target: Address, graceMs: nu
     await beforeExit?.();
     if (!err) return EXIT_OK;
     if (!graceful || life.stopping) {
-      if (life.stopping && !session.opened) return EXIT_OK; // stopped before the session was up
-      log.error(`vpn: ${formatAddress(target)}: ${err.message}`);
+      log.error(`vpn: ${formatAddress(target)}: ${session.opened ? err.message : 'interrupted before the session was up'}`);
       return EXIT_NETWORK;
     }
     log.error(`vpn: ${formatAddress(target)}: ${err.sentence}`);

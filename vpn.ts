@@ -52,7 +52,8 @@ const SECRET_HELP = `Secret (first found wins):
 const COMMON_HELP = `Common options:
   --engine noble|native  crypto engine: noble (pure JS, default) or native (Bun's built-in BoringSSL)
   --handshake-timeout S  seconds a peer has to complete the handshake (default 5)
-  --keepalive S          send PING after S idle seconds; close after 3*S of silence; 0 = off (default 25)
+  --keepalive S          send PING after S idle seconds; end the session after 3*S of silence, or
+                         when the peer has not read what we sent for 3*S; 0 = off (default 25)
   --grace S              on SIGINT/SIGTERM: stop accepting, let open sessions run up to S seconds
                          (chat and TUN send CLOSE first), then reset the rest and exit 1;
                          exit 0 when all ended in time; a second signal resets at once (default 10)
