@@ -1,24 +1,48 @@
 /**
- * `--tun` mode (Linux): a layer-3 VPN. Each end opens a TUN interface (tundevice.ts) and carries one IPv4 packet
- * per DATA record (PROTOCOL.md §7). This file is the mode: the MTU arithmetic, the server's address pool and router,
- * and the CONFIG exchange and app of each side on the serve/connect skeleton of server.ts.
+ * `--tun` mode (Linux): a layer-3 VPN, dual-stack. Each end opens a TUN interface (tundevice.ts) and carries one IP
+ * packet (IPv4 or IPv6) per DATA record (PROTOCOL.md §7). This file is the mode: the MTU arithmetic, the server's
+ * address pools (one per family) and router, the client's inbound filter, and the CONFIG exchange and app of each
+ * side on the serve/connect skeleton of server.ts (PROTOCOL.md §8.5).
  *
  *   client                                   server
- *   CONFIG {mode:"tun", request}      ──▶    takes `request` or the lowest free address of its subnet
- *                                     ◀──    CONFIG {mode:"tun", address:"10.66.0.2/24", server, mtu, routes}
+ *   CONFIG {mode:"tun", request,      ──▶    per family it has and the client asks for: the requested address
+ *           request6, families}               or a free one (v4 lowest first; v6 the v4 host number, else lowest)
+ *                                     ◀──    CONFIG {mode:"tun", address, server, routes,        (IPv4)
+ *                                                    address6, server6, routes6, mtu}             (IPv6)
  *                                             or a refusal {error, code} (address in use, wrong mode …)
  *
- * The server routes by destination between its own interface and every client: a client may only send from its own
- * address; packets for a connected client go to that client, for the server or outside the subnet to the server's
- * kernel, and for an unassigned address of the subnet are dropped and counted.
+ * The server routes by destination between its own interface and every client, per family: a client may only send
+ * from its own address of that family; packets for a connected client go to that client, for the server or outside
+ * the subnet to the server's kernel, and for an unassigned address of the subnet or a multicast group are dropped
+ * and counted. The client writes into its kernel only packets for its own addresses from the tunnel subnet or a
+ * route it accepted (InboundFilter).
  */
-import { type Cidr, cidrContains, formatCidr, formatIPv4, maskOf, parseCidr, parseIPv4, parseRoute } from './address.ts';
+import {
+  type Cidr,
+  type Cidr6,
+  cidr6Contains,
+  cidrContains,
+  formatCidr,
+  formatCidr6,
+  formatIPv4,
+  formatIPv6,
+  formatPrefix,
+  isCidr6,
+  maskOf,
+  maskOf6,
+  parseCidr,
+  parseCidr6,
+  parseIPv4,
+  parseIPv6,
+  parseRoute,
+  type Prefix,
+} from './address.ts';
 import { BLOCK, FRAME_OVERHEAD, TYPE_LEN } from './channel.ts';
 import { asVpnError, VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { type Mode, modeName } from './server.ts';
 import { escapeText, type Json, type Session } from './session.ts';
-import { ipv4Dst, ipv4Src, isIPv4, packetLength, TunDevice } from './tundevice.ts';
+import { ipv4Dst, ipv4Src, ipv6Dst, ipv6Src, isIPv4, isIPv6, packetLength, TunDevice } from './tundevice.ts';
 
 // ---- MTU: one inner packet should fit one outer TCP segment on a 1500-byte path ----
 export const PATH_MTU = 1500;
@@ -30,11 +54,13 @@ export const RECORD_OVERHEAD_MAX = FRAME_OVERHEAD + TYPE_LEN + BLOCK; // 52 + 1 
 export const DEFAULT_MTU = PATH_MTU - OUTER_TCPIP_MAX - RECORD_OVERHEAD_MAX;
 /** RFC 791's minimum datagram every host must take */
 export const MIN_MTU = 576;
+/** RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280 */
+export const MIN_MTU6 = 1280;
 /** jumbo frames; also well under the 16 KiB that Bun's reader leaves free for each read(2) */
 export const MAX_MTU = 9000;
 
 // ---- Tuning ----
-/** Most routes a server pushes, or a client accepts, in one CONFIG (§8.4). */
+/** Most routes of each family a server pushes, or a client accepts, in one CONFIG (§8.5). */
 export const MAX_ROUTES = 32;
 /** Drop packets for a peer whose outbound queue is above this (IP is lossy; the inner TCP backs off). */
 export const MAX_PEER_QUEUE = 1024 * 1024;
@@ -116,6 +142,105 @@ export class AddressPool {
   }
 }
 
+/**
+ * The server's IPv6 subnet: its own address, and which client holds which address. The subnet's first address
+ * (the Subnet-Router anycast address, RFC 4291 §2.6.1) is never handed out. `take(null, hint)` gives the address
+ * whose host part is `hint` (the client's IPv4 host number: 10.66.0.7 ↔ fd00:66::7) when that one is free, else the
+ * lowest free one: deterministic, and easy to read next to the IPv4 address.
+ */
+export class AddressPool6 {
+  readonly server: bigint;
+  readonly prefix: number;
+  readonly network: bigint;
+  /** number of addresses in the subnet */
+  readonly size: bigint;
+  private readonly used = new Set<bigint>();
+
+  /** Throws USAGE when `server` is not a host address of a subnet with room for clients. */
+  constructor(server: Cidr6) {
+    if (server.prefix < 1 || server.prefix > 126) {
+      throw new VpnError('USAGE', `--tun ${formatCidr6(server)}: the IPv6 prefix must be between /1 and /126 to leave room for clients (/64 is usual)`);
+    }
+    this.server = server.addr;
+    this.prefix = server.prefix;
+    this.network = server.addr & maskOf6(server.prefix);
+    this.size = 1n << BigInt(128 - server.prefix);
+    if (server.addr === this.network) {
+      throw new VpnError('USAGE', `--tun ${formatCidr6(server)}: that is the subnet's first address (its Subnet-Router anycast address); use a host address such as ${formatIPv6(this.network + 1n)}/${this.prefix}`);
+    }
+  }
+
+  get subnet(): Cidr6 {
+    return { v6: true, addr: this.network, prefix: this.prefix };
+  }
+
+  contains(addr: bigint): boolean {
+    return cidr6Contains(this.subnet, addr);
+  }
+
+  /** An address of the subnet other than its first. */
+  isHost(addr: bigint): boolean {
+    return this.contains(addr) && addr !== this.network;
+  }
+
+  inUse(addr: bigint): boolean {
+    return this.used.has(addr);
+  }
+
+  /**
+   * Reserve `request` (prefix -1: the subnet's), or when null the address with host part `hint`, or the lowest free
+   * one. Returns the address, or a VpnError (USAGE) that explains the refusal to the client.
+   */
+  take(request: Cidr6 | null, hint: bigint | null = null): bigint | VpnError {
+    const subnet = formatCidr6(this.subnet);
+    if (request) {
+      const a = formatIPv6(request.addr);
+      if (request.prefix !== -1 && request.prefix !== this.prefix) return new VpnError('USAGE', `asked for ${formatCidr6(request)}, but the tunnel's IPv6 subnet is ${subnet}; ask for an address with /${this.prefix}`);
+      if (!this.isHost(request.addr)) return new VpnError('USAGE', `asked for ${a}, which is not a host address of the tunnel subnet ${subnet}`);
+      if (request.addr === this.server) return new VpnError('USAGE', `address ${a} is the server's own address`);
+      if (this.used.has(request.addr)) return new VpnError('USAGE', `address ${a} is in use by another client; ask for another or use --tun auto`);
+      this.used.add(request.addr);
+      return request.addr;
+    }
+    if (hint !== null && hint > 0n && hint < this.size) {
+      const a = this.network + hint;
+      if (a !== this.server && !this.used.has(a)) {
+        this.used.add(a);
+        return a;
+      }
+    }
+    // Bounded: at most `used.size + 1` steps past the server's address find a free one, or the subnet is full.
+    for (let a = this.network + 1n, steps = 0; a < this.network + this.size && steps <= this.used.size + 1; a++) {
+      if (a === this.server) continue;
+      if (!this.used.has(a)) {
+        this.used.add(a);
+        return a;
+      }
+      steps++;
+    }
+    return new VpnError('NETWORK', `no free address left in the tunnel subnet ${subnet}`);
+  }
+
+  release(addr: bigint): void {
+    this.used.delete(addr);
+  }
+}
+
+/** A client's tunnel addresses, one per family (null: that family is not in its tunnel). */
+export interface TunAddrs {
+  v4: number | null;
+  v6: bigint | null;
+}
+
+/** The server's pools: one per family it carries, at least one. */
+export interface TunPools {
+  v4: AddressPool | null;
+  v6: AddressPool6 | null;
+}
+
+const isMulticast6 = (a: bigint) => a >> 120n === 0xffn;
+const isLinkLocal6 = (a: bigint) => a >> 118n === 0x3fan; // fe80::/10: never routed, and no TUN here has one
+
 // ---- the server's router ----
 
 /** What the router needs of a client session (a Session). */
@@ -124,68 +249,99 @@ export interface RoutePeer {
   readonly queued: number;
 }
 
-/** Routes IPv4 packets between the server's interface and its clients by destination address; counts drops. */
+/**
+ * Routes IPv4 and IPv6 packets between the server's interface and its clients by destination address, each family
+ * by its own pool and table; counts drops. A packet of a family the tunnel does not carry is dropped as such.
+ */
 export class TunRouter {
-  readonly stats = { fromClients: 0, toClients: 0, toInterface: 0, unknown: 0, spoofed: 0, queueFull: 0, notIPv4: 0 };
-  private readonly clients = new Map<number, RoutePeer>();
+  readonly stats = { fromClients: 0, toClients: 0, toInterface: 0, unknown: 0, spoofed: 0, queueFull: 0, malformed: 0, otherFamily: 0 };
+  readonly pools: TunPools;
+  private readonly clients4 = new Map<number, RoutePeer>();
+  private readonly clients6 = new Map<bigint, RoutePeer>();
 
+  /** `pools`: an IPv4 pool alone (an IPv4-only tunnel), or one pool per family. */
   constructor(
-    readonly pool: AddressPool,
+    pools: AddressPool | TunPools,
     private readonly iface: { write(p: Uint8Array): boolean },
-  ) {}
+  ) {
+    this.pools = pools instanceof AddressPool ? { v4: pools, v6: null } : pools;
+  }
 
-  attach(addr: number, peer: RoutePeer): void {
-    this.clients.set(addr, peer);
+  /** The IPv4 pool (null in an IPv6-only tunnel). */
+  get pool(): AddressPool | null {
+    return this.pools.v4;
+  }
+
+  attach(addr: number | bigint, peer: RoutePeer): void {
+    if (typeof addr === 'bigint') this.clients6.set(addr, peer);
+    else this.clients4.set(addr, peer);
   }
 
   /** Forget `addr` if `peer` still holds it. */
-  detach(addr: number, peer: RoutePeer): void {
-    if (this.clients.get(addr) === peer) this.clients.delete(addr);
+  detach(addr: number | bigint, peer: RoutePeer): void {
+    if (typeof addr === 'bigint') {
+      if (this.clients6.get(addr) === peer) this.clients6.delete(addr);
+    } else if (this.clients4.get(addr) === peer) this.clients4.delete(addr);
   }
 
-  has(addr: number): boolean {
-    return this.clients.has(addr);
+  has(addr: number | bigint): boolean {
+    return typeof addr === 'bigint' ? this.clients6.has(addr) : this.clients4.has(addr);
   }
 
+  /** addresses routed to clients, both families */
   get size(): number {
-    return this.clients.size;
+    return this.clients4.size + this.clients6.size;
   }
 
-  /** A packet the server's kernel sent into the interface. */
+  /** A packet the server's kernel sent into the interface (trusted: only its destination matters). */
   fromInterface(p: Uint8Array): void {
-    if (!isIPv4(p)) {
-      this.stats.notIPv4++;
-      return;
-    }
-    const dst = ipv4Dst(p);
-    const peer = this.clients.get(dst);
-    if (peer) this.toPeer(peer, p);
-    else this.dropUnknown(dst, 'the server');
+    if (isIPv4(p) && this.pools.v4) {
+      const dst = ipv4Dst(p);
+      const peer = this.clients4.get(dst);
+      if (peer) this.toPeer(peer, p);
+      else this.dropUnknown(formatIPv4(dst), 'the server');
+    } else if (isIPv6(p) && this.pools.v6) {
+      const dst = ipv6Dst(p);
+      const peer = this.clients6.get(dst);
+      if (peer) this.toPeer(peer, p);
+      else this.dropUnknown(formatIPv6(dst), 'the server');
+    } else if (isIPv4(p) || isIPv6(p)) this.stats.otherFamily++;
+    else this.stats.malformed++;
   }
 
-  /** A packet from the client that holds `src`: only its own source address is let through. */
-  fromClient(src: number, p: Uint8Array): void {
+  /** A packet from the client that holds `from`: only its own source address of the packet's family gets through. */
+  fromClient(from: TunAddrs, p: Uint8Array): void {
     this.stats.fromClients++;
-    if (!isIPv4(p) || packetLength(p) !== p.length) {
-      this.stats.notIPv4++;
+    if (!(isIPv4(p) || isIPv6(p)) || packetLength(p) !== p.length) {
+      this.stats.malformed++;
       return;
     }
-    if (ipv4Src(p) !== src) {
-      this.stats.spoofed++;
-      log.limited('warn', `spoofed|${src}`, `dropped a packet from client ${formatIPv4(src)} with source address ${formatIPv4(ipv4Src(p))}`);
-      return;
-    }
-    const dst = ipv4Dst(p);
-    const peer = this.clients.get(dst);
-    if (peer) {
-      this.toPeer(peer, p);
-      return;
-    }
-    const pool = this.pool;
-    const multicastOrBroadcast = dst >>> 28 === 0xe || dst === 0xffffffff || dst === pool.broadcast;
-    if (multicastOrBroadcast || (pool.contains(dst) && dst !== pool.server)) {
-      this.dropUnknown(dst, formatIPv4(src));
-      return;
+    if (isIPv4(p)) {
+      const pool = this.pools.v4;
+      if (!pool || from.v4 === null) {
+        this.stats.otherFamily++;
+        return;
+      }
+      const src = ipv4Src(p);
+      if (src !== from.v4) return this.dropSpoofed(formatIPv4(from.v4), formatIPv4(src));
+      const dst = ipv4Dst(p);
+      const peer = this.clients4.get(dst);
+      if (peer) return this.toPeer(peer, p);
+      const multicastOrBroadcast = dst >>> 28 === 0xe || dst === 0xffffffff || dst === pool.broadcast;
+      if (multicastOrBroadcast || (pool.contains(dst) && dst !== pool.server)) return this.dropUnknown(formatIPv4(dst), formatIPv4(src));
+    } else {
+      const pool = this.pools.v6;
+      if (!pool || from.v6 === null) {
+        this.stats.otherFamily++;
+        return;
+      }
+      const src = ipv6Src(p);
+      if (src !== from.v6) return this.dropSpoofed(formatIPv6(from.v6), formatIPv6(src));
+      const dst = ipv6Dst(p);
+      const peer = this.clients6.get(dst);
+      if (peer) return this.toPeer(peer, p);
+      // No multicast crosses this router (no NDP or MLD on a point-to-point TUN link), and no link-local address.
+      if (isMulticast6(dst) || isLinkLocal6(dst) || (pool.contains(dst) && dst !== pool.server)) return this.dropUnknown(formatIPv6(dst), formatIPv6(src));
     }
     // The server's own address, or beyond the subnet: the server's kernel delivers or forwards it.
     if (this.iface.write(p)) this.stats.toInterface++;
@@ -200,87 +356,242 @@ export class TunRouter {
     this.stats.toClients++;
   }
 
-  private dropUnknown(dst: number, from: string): void {
+  private dropSpoofed(client: string, src: string): void {
+    this.stats.spoofed++;
+    log.limited('warn', `spoofed|${client}`, `dropped a packet from client ${client} with source address ${src}`);
+  }
+
+  private dropUnknown(dst: string, from: string): void {
     this.stats.unknown++;
-    log.limited('info', `unknown|${dst}`, `dropped a packet for unknown destination ${formatIPv4(dst)} (from ${from})`);
+    log.limited('info', `unknown|${dst}`, `dropped a packet for unknown destination ${dst} (from ${from})`);
   }
 
   summary(): string {
     const s = this.stats;
-    return `${s.fromClients} packets from clients, ${s.toClients} to clients, ${s.toInterface} to the interface; dropped: ${s.unknown} unknown destination, ${s.spoofed} spoofed source, ${s.queueFull} queue full, ${s.notIPv4} not IPv4`;
+    return `${s.fromClients} packets from clients, ${s.toClients} to clients, ${s.toInterface} to the interface; dropped: ${s.unknown} unknown destination, ${s.spoofed} spoofed source, ${s.queueFull} queue full, ${s.malformed} malformed, ${s.otherFamily} of a family the tunnel does not carry`;
   }
+}
+
+// ---- the client's inbound filter ----
+
+/**
+ * What the client writes into its kernel: a packet of a family its tunnel carries, whose length field is its length,
+ * whose destination is the client's own address of that family (no broadcast, no multicast: TUN is point-to-point,
+ * no ARP, NDP or MLD runs on it), and whose source is in the tunnel subnet of that family or in a route the client
+ * accepted. Everything else is dropped and counted — an authenticated but hostile server cannot inject packets
+ * from addresses the client never routed into the tunnel.
+ */
+export class InboundFilter {
+  readonly stats = { accepted: 0, malformed: 0, otherFamily: 0, notForUs: 0, badSource: 0 };
+
+  /** `own`: the client's addresses; `from4`/`from6`: the tunnel subnet and the accepted routes of each family. */
+  constructor(
+    private readonly own: TunAddrs,
+    private readonly from4: Cidr[],
+    private readonly from6: Cidr6[],
+  ) {}
+
+  /** Whether `p` may go into the client's kernel; counts (and logs, rate-limited) what may not. */
+  check(p: Uint8Array): boolean {
+    const v4 = isIPv4(p);
+    if (!(v4 || isIPv6(p)) || packetLength(p) !== p.length) {
+      this.stats.malformed++;
+      return false;
+    }
+    let ok: boolean;
+    if (v4) {
+      if (this.own.v4 === null) return this.drop('otherFamily');
+      if (ipv4Dst(p) !== this.own.v4) return this.drop('notForUs', formatIPv4(ipv4Dst(p)));
+      const src = ipv4Src(p);
+      ok = this.from4.some((c) => cidrContains(c, src));
+      if (!ok) return this.drop('badSource', formatIPv4(src));
+    } else {
+      if (this.own.v6 === null) return this.drop('otherFamily');
+      if (ipv6Dst(p) !== this.own.v6) return this.drop('notForUs', formatIPv6(ipv6Dst(p)));
+      const src = ipv6Src(p);
+      ok = this.from6.some((c) => cidr6Contains(c, src));
+      if (!ok) return this.drop('badSource', formatIPv6(src));
+    }
+    this.stats.accepted++;
+    return true;
+  }
+
+  private drop(why: 'otherFamily' | 'notForUs' | 'badSource', addr = ''): false {
+    this.stats[why]++;
+    if (why === 'notForUs') log.limited('info', `inbound dst|${addr}`, `dropped a packet from the server for ${addr}, which is not this client's address`);
+    if (why === 'badSource') log.limited('warn', `inbound src|${addr}`, `dropped a packet from the server with source address ${addr}, outside the tunnel subnet and every accepted route`);
+    return false;
+  }
+
+  summary(): string {
+    const s = this.stats;
+    return `${s.malformed} malformed, ${s.otherFamily} of a family the tunnel does not carry, ${s.notForUs} not for this client, ${s.badSource} from a source outside the tunnel and its routes`;
+  }
+}
+
+// ---- serve --tun: the CONFIG answer ----
+
+const FAMILY4 = 'ipv4';
+const FAMILY6 = 'ipv6';
+
+/** What a server answers with besides the addresses. */
+export interface TunOffer {
+  mtu: number;
+  routes: Cidr[];
+  routes6: Cidr6[];
+}
+
+/**
+ * The server's side of §8.5: read the client's CONFIG (`request`, `request6`, `families`; a client that sends no
+ * `families` is an IPv4-only one), reserve one address per family both sides have, and build the answer. Returns
+ * the answer and the addresses reserved (release them when the session ends), or a VpnError that refuses the
+ * session; nothing stays reserved then.
+ */
+export function answerTunClient(peer: Json, pools: TunPools, offer: TunOffer): { answer: Json; addrs: TunAddrs } | VpnError {
+  if (peer.mode !== 'tun') {
+    return new VpnError('USAGE', `this server runs in TUN mode and the client asked for ${modeName(peer.mode)}; connect with --tun auto`);
+  }
+  let request: Cidr | null = null;
+  if (typeof peer.request === 'string') {
+    try {
+      request = parseCidr(peer.request, 'requested address', -1);
+    } catch {
+      return new VpnError('USAGE', `cannot read the requested address "${escapeText(peer.request, 40)}"`);
+    }
+  } else if (peer.request !== null && peer.request !== undefined) {
+    return new VpnError('USAGE', 'the requested address must be a string or null');
+  }
+  let request6: Cidr6 | null = null;
+  if (typeof peer.request6 === 'string') {
+    try {
+      request6 = parseCidr6(peer.request6, 'requested IPv6 address', -1);
+    } catch {
+      return new VpnError('USAGE', `cannot read the requested IPv6 address "${escapeText(peer.request6, 50)}"`);
+    }
+  } else if (peer.request6 !== null && peer.request6 !== undefined) {
+    return new VpnError('USAGE', 'the requested IPv6 address must be a string or null');
+  }
+  let families: unknown[] = [FAMILY4];
+  if (peer.families !== undefined) {
+    if (!Array.isArray(peer.families) || peer.families.length > 8) return new VpnError('USAGE', 'families must be a list of at most 8 strings');
+    families = peer.families;
+  }
+  const { v4: pool4, v6: pool6 } = pools;
+  const carried = [pool4 && `IPv4 (${formatCidr(pool4.subnet)})`, pool6 && `IPv6 (${formatCidr6(pool6.subnet)})`].filter(Boolean).join(' and ');
+  if (request && !pool4) return new VpnError('USAGE', `asked for ${formatIPv4(request.addr)}, but this tunnel carries no IPv4, only ${carried}`);
+  if (request6 && !pool6) return new VpnError('USAGE', `asked for ${formatIPv6(request6.addr)}, but this tunnel carries no IPv6, only ${carried}`);
+  const give4 = pool4 !== null && (request !== null || families.includes(FAMILY4));
+  const give6 = pool6 !== null && (request6 !== null || families.includes(FAMILY6));
+  if (!give4 && !give6) {
+    const asked = families.filter((x) => x === FAMILY4 || x === FAMILY6).join(', ') || 'no family it knows';
+    return new VpnError('USAGE', `this tunnel carries ${carried} only, and the client asked for ${asked}${pool6 ? '; an IPv6 client needs --mtu 1280 or more (or the default) and a version of vpn that speaks IPv6' : ''}`);
+  }
+  const addrs: TunAddrs = { v4: null, v6: null };
+  const answer: Json = { mode: 'tun' };
+  if (give4) {
+    if (request && request.prefix === -1) request = { addr: request.addr, prefix: pool4.prefix };
+    const got = pool4.take(request);
+    if (got instanceof VpnError) return got;
+    addrs.v4 = got;
+    Object.assign(answer, { address: `${formatIPv4(got)}/${pool4.prefix}`, server: formatIPv4(pool4.server), routes: offer.routes.map(formatCidr) });
+  }
+  if (give6) {
+    const hint = addrs.v4 === null ? null : BigInt((addrs.v4 - pool4!.network) >>> 0);
+    const got = pool6.take(request6, hint);
+    if (got instanceof VpnError) {
+      if (addrs.v4 !== null) pool4!.release(addrs.v4);
+      return got;
+    }
+    addrs.v6 = got;
+    Object.assign(answer, { address6: `${formatIPv6(got)}/${pool6.prefix}`, server6: formatIPv6(pool6.server), routes6: offer.routes6.map(formatCidr6) });
+  }
+  answer.mtu = offer.mtu;
+  return { answer, addrs };
+}
+
+/** `10.66.0.2 and fd00:66::2`: a client's addresses for a log line. */
+function addrsText(a: TunAddrs): string {
+  return [a.v4 === null ? null : formatIPv4(a.v4), a.v6 === null ? null : formatIPv6(a.v6)].filter((x) => x !== null).join(' and ');
 }
 
 // ---- serve --tun ----
 
 export interface TunServerOptions {
-  /** the server's own address and the subnet it hands out */
-  address: Cidr;
+  /** the server's own IPv4 address and the subnet it hands out, or null for an IPv6-only tunnel */
+  address: Cidr | null;
+  /** the same for IPv6, or null for an IPv4-only tunnel */
+  address6: Cidr6 | null;
   /** interface name pattern (`vpn%d`) */
   name: string;
+  /** at least MIN_MTU6 when address6 is set (vpn.ts checks) */
   mtu: number;
-  /** pushed to every client */
+  /** pushed to every client: IPv4 routes (needs `address`) and IPv6 routes (needs `address6`) */
   routes: Cidr[];
+  routes6: Cidr6[];
 }
 
 /**
- * `serve --tun ADDR/PREFIX`: create and bring up the server's interface; returns the mode for `serve` and `close`,
- * which removes the interface and logs the counters. Throws USAGE when the interface cannot be made.
+ * `serve --tun ADDR/PREFIX [--tun ADDR6/PREFIX]`: create and bring up the server's interface; returns the mode for
+ * `serve` and `close`, which removes the interface and logs the counters. Throws USAGE when the interface cannot be
+ * made or a prefix leaves no room for clients.
  */
 export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void } {
-  const pool = new AddressPool(o.address);
-  const routes = o.routes.map(formatCidr);
-  const serverText = formatIPv4(pool.server);
+  const pools: TunPools = { v4: o.address ? new AddressPool(o.address) : null, v6: o.address6 ? new AddressPool6(o.address6) : null };
+  if (!pools.v4 && !pools.v6) throw new VpnError('USAGE', 'serve --tun needs an IPv4 or IPv6 prefix');
+  const offer: TunOffer = { mtu: o.mtu, routes: o.routes, routes6: o.routes6 };
+  const own: Prefix[] = [o.address, o.address6].filter((x) => x !== null);
   const dev = TunDevice.create(o.name);
   const onExit = () => dev.close();
   process.on('exit', onExit);
   try {
-    dev.up(o.address, o.mtu);
+    dev.up(own, o.mtu);
   } catch (e) {
     dev.close();
     throw e;
   }
-  const router = new TunRouter(pool, dev);
+  const router = new TunRouter(pools, dev);
   dev.start((p) => router.fromInterface(p));
-  log.info(`tun ${dev.name} up: ${formatCidr(o.address)}, mtu ${o.mtu}${routes.length ? `, pushing routes ${routes.join(' ')}` : ''}`);
-  const addrs = new Map<Session, number>();
+  const routes = [...o.routes, ...o.routes6].map(formatPrefix);
+  log.info(`tun ${dev.name} up: ${own.map(formatPrefix).join(' ')}, mtu ${o.mtu}${routes.length ? `, pushing routes ${routes.join(' ')}` : ''}`);
+  const addrs = new Map<Session, TunAddrs>();
+
+  const release = (a: TunAddrs, s: Session) => {
+    if (a.v4 !== null) {
+      router.detach(a.v4, s);
+      pools.v4?.release(a.v4);
+    }
+    if (a.v6 !== null) {
+      router.detach(a.v6, s);
+      pools.v6?.release(a.v6);
+    }
+  };
 
   const mode: Mode = {
     onShutdown: 'close', // packets are no stream to cut: tell every client we are going
     config: (peer: Json, session: Session): Json | VpnError => {
-      if (peer.mode !== 'tun') {
-        return new VpnError('USAGE', `this server runs in TUN mode and the client asked for ${modeName(peer.mode)}; connect with --tun auto`);
-      }
-      let request: Cidr | null = null;
-      if (typeof peer.request === 'string') {
-        try {
-          request = parseCidr(peer.request, 'requested address', -1);
-        } catch {
-          return new VpnError('USAGE', `cannot read the requested address "${escapeText(peer.request, 40)}"`);
-        }
-        if (request.prefix === -1) request = { addr: request.addr, prefix: pool.prefix };
-      } else if (peer.request !== null && peer.request !== undefined) {
-        return new VpnError('USAGE', 'the requested address must be a string or null');
-      }
-      const got = pool.take(request);
-      if (got instanceof VpnError) return got;
-      addrs.set(session, got);
-      return { mode: 'tun', address: `${formatIPv4(got)}/${pool.prefix}`, server: serverText, mtu: o.mtu, routes };
+      const r = answerTunClient(peer, pools, offer);
+      if (r instanceof VpnError) return r;
+      addrs.set(session, r.addrs);
+      return r.answer;
     },
-    describe: (s) => `client ${s.peer} is ${formatIPv4(addrs.get(s)!)} (protocol v${s.version})`,
+    describe: (s) => `client ${s.peer} is ${addrsText(addrs.get(s)!)} (protocol v${s.version})`,
     app: (session) => ({
-      onOpen: (s) => router.attach(addrs.get(s)!, s),
+      onOpen: (s) => {
+        const a = addrs.get(s)!;
+        if (a.v4 !== null) router.attach(a.v4, s);
+        if (a.v6 !== null) router.attach(a.v6, s);
+      },
       onData: (p) => router.fromClient(addrs.get(session)!, p),
       onPeerClose: () => session.close(),
       onEnd: (err) => {
-        const addr = addrs.get(session);
-        if (addr === undefined) return;
+        const a = addrs.get(session);
+        if (a === undefined) return;
         addrs.delete(session);
-        router.detach(addr, session);
-        pool.release(addr);
+        release(a, session);
         const secs = ((Date.now() - session.startedAt) / 1000).toFixed(1);
         const why = err ? err.message : 'clean end';
-        const line = `client ${formatIPv4(addr)} (${session.peer}) gone after ${secs} s, ${session.bytesIn} bytes in, ${session.bytesOut} bytes out: ${why}; address released`;
+        const n = (a.v4 !== null ? 1 : 0) + (a.v6 !== null ? 1 : 0);
+        const line = `client ${addrsText(a)} (${session.peer}) gone after ${secs} s, ${session.bytesIn} bytes in, ${session.bytesOut} bytes out: ${why}; ${n > 1 ? 'addresses' : 'address'} released`;
         if (err) log.warn(line);
         else log.info(line);
       },
@@ -299,74 +610,128 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
 // ---- connect --tun ----
 
 export interface TunClientOptions {
-  /** the address asked for (prefix -1: the server's), or null for any */
+  /** the IPv4 address asked for (prefix -1: the server's), or null for any */
   request: Cidr | null;
+  /** the IPv6 address asked for (prefix -1: the server's), or null for any */
+  request6: Cidr6 | null;
+  /** whether to ask for IPv6 at all (false when --mtu is below MIN_MTU6) */
+  ipv6: boolean;
   name: string;
   /** overrides the server's MTU */
   mtu?: number;
-  /** sent through the tunnel besides the server's */
-  routes: Cidr[];
+  /** sent through the tunnel besides the server's, either family */
+  routes: Prefix[];
 }
 
-interface TunAnswer {
-  address: Cidr;
-  server: string;
+/** The server's answer, checked: one part per family it gave the client. */
+export interface TunAnswer {
+  v4: { address: Cidr; server: number; routes: Cidr[] } | null;
+  v6: { address: Cidr6; server: bigint; routes: Cidr6[] } | null;
   mtu: number;
-  routes: Cidr[];
+}
+
+function routeList<T>(value: unknown, field: string, parse: (t: string) => T): T[] {
+  if (value !== undefined && !Array.isArray(value)) throw new Error(`${field} must be a list`);
+  const list = (value as unknown[] | undefined) ?? [];
+  if (list.length > MAX_ROUTES) throw new Error(`more than ${MAX_ROUTES} ${field}`);
+  return list.map((r) => parse(String(r)));
 }
 
 /**
- * Read the server's TUN answer (§8.4): address (A.B.C.D/N), server (A.B.C.D), mtu (MIN_MTU … MAX_MTU), routes (at most
- * MAX_ROUTES network prefixes). Throws USAGE naming the field: the server is authenticated, so a bad answer is a
- * broken or hostile server, not tampering on the path.
+ * Read the server's TUN answer (§8.5): `address` (A.B.C.D/N), `server` (A.B.C.D), `routes`; `address6` (IPv6/N),
+ * `server6` (IPv6), `routes6`; at least one family; `mtu` (MIN_MTU … MAX_MTU, at least MIN_MTU6 with IPv6); routes at
+ * most MAX_ROUTES network prefixes of their family. IPv6 is refused when `asked6` is false. Throws USAGE naming the
+ * field: the server is authenticated, so a bad answer is a broken or hostile server, not tampering on the path.
  */
-function readAnswer(peer: Json): TunAnswer {
+export function readTunAnswer(peer: Json, asked6: boolean): TunAnswer {
   try {
-    const address = parseCidr(String(peer.address), 'address');
+    const has4 = peer.address !== undefined && peer.address !== null;
+    const has6 = peer.address6 !== undefined && peer.address6 !== null;
+    if (!has4 && !has6) throw new Error('address or address6 is required');
     const mtu = Number(peer.mtu);
     if (!Number.isInteger(mtu) || mtu < MIN_MTU || mtu > MAX_MTU) throw new Error(`mtu must be a whole number from ${MIN_MTU} to ${MAX_MTU}`);
-    if (parseIPv4(String(peer.server)) === null) throw new Error('server must be an IPv4 address');
-    if (peer.routes !== undefined && !Array.isArray(peer.routes)) throw new Error('routes must be a list');
-    const list = (peer.routes as unknown[] | undefined) ?? [];
-    if (list.length > MAX_ROUTES) throw new Error(`more than ${MAX_ROUTES} routes`);
-    const routes = list.map((r) => parseRoute(String(r), 'route'));
-    return { address, server: String(peer.server), mtu, routes };
+    let v4: TunAnswer['v4'] = null;
+    if (has4) {
+      const address = parseCidr(String(peer.address), 'address');
+      const server = parseIPv4(String(peer.server));
+      if (server === null) throw new Error('server must be an IPv4 address');
+      v4 = { address, server, routes: routeList(peer.routes, 'routes', (t) => parseRoute(t, 'route')) };
+    }
+    let v6: TunAnswer['v6'] = null;
+    if (has6) {
+      if (!asked6) throw new Error('address6 was sent, but this client asked for IPv4 only');
+      if (mtu < MIN_MTU6) throw new Error(`mtu must be at least ${MIN_MTU6} with IPv6, got ${mtu}`);
+      const address = parseCidr6(String(peer.address6), 'address6');
+      if (address.prefix < 1 || address.prefix > 127) throw new Error('address6 needs a prefix from /1 to /127');
+      const server = parseIPv6(String(peer.server6));
+      if (server === null) throw new Error('server6 must be an IPv6 address');
+      const route6 = (t: string) => {
+        const c = parseCidr6(t, 'route6');
+        if ((c.addr & maskOf6(c.prefix)) !== c.addr) throw new Error(`route6 ${t} has host bits set`);
+        return c;
+      };
+      v6 = { address, server, routes: routeList(peer.routes6, 'routes6', route6) };
+    }
+    return { v4, v6, mtu };
   } catch (e) {
     throw new VpnError('USAGE', `the server sent a TUN configuration this client cannot use (${escapeText((e as Error).message)})`);
   }
 }
 
+/** The network of `c` (host bits cleared). */
+const network4 = (c: Cidr): Cidr => ({ addr: (c.addr & maskOf(c.prefix)) >>> 0, prefix: c.prefix });
+const network6 = (c: Cidr6): Cidr6 => ({ v6: true, addr: c.addr & maskOf6(c.prefix), prefix: c.prefix });
+
 /**
- * `connect HOST:PORT --tun auto|ADDR[/PREFIX]`: create the interface first (local problems end the run before the
- * server sees us); the mode takes the address the server hands out and carries packets. `close` removes the
- * interface and logs the counters. Throws USAGE when the interface cannot be made.
+ * `connect HOST:PORT --tun auto|ADDR[/PREFIX] [--tun ADDR6[/PREFIX]]`: create the interface first (local problems
+ * end the run before the server sees us); the mode asks for both families (IPv4 only when `ipv6` is false), takes
+ * the addresses the server hands out and carries packets through the inbound filter. `close` removes the interface
+ * and logs the counters. Throws USAGE when the interface cannot be made.
  */
 export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void } {
   const dev = TunDevice.create(o.name);
   const onExit = () => dev.close();
   process.on('exit', onExit);
   const request = o.request ? (o.request.prefix === -1 ? formatIPv4(o.request.addr) : formatCidr(o.request)) : null;
+  const request6 = o.request6 ? (o.request6.prefix === -1 ? formatIPv6(o.request6.addr) : formatCidr6(o.request6)) : null;
+  const families = o.ipv6 ? [FAMILY4, FAMILY6] : [FAMILY4];
   let dropped = 0;
-  let notIPv4 = 0;
+  let otherFamily = 0;
+  let filter: InboundFilter | null = null;
   const mode: Mode = {
     onShutdown: 'close',
-    config: () => ({ mode: 'tun', request }),
+    config: () => ({ mode: 'tun', request, ...(request6 ? { request6 } : {}), families }),
     accept: (answer) =>
       answer.mode === 'tun' ? null : new VpnError('USAGE', `the server is not in TUN mode (it answered ${modeName(answer.mode)}); start it with serve --tun ADDR/PREFIX`),
     app: (session, link) => ({
       onOpen: (sess: Session, peer: Json) => {
         try {
-          const a = readAnswer(peer);
+          const a = readTunAnswer(peer, o.ipv6);
+          if (o.request && !a.v4) throw new VpnError('USAGE', `asked for ${request}, but the server's tunnel carries no IPv4`);
+          if (o.request6 && !a.v6) throw new VpnError('USAGE', `asked for ${request6}, but the server's tunnel carries no IPv6`);
+          const own4 = o.routes.filter((r): r is Cidr => !isCidr6(r));
+          const own6 = o.routes.filter(isCidr6);
+          if (own4.length && !a.v4) throw new VpnError('USAGE', `--route ${formatCidr(own4[0]!)} is IPv4, and the server's tunnel carries no IPv4`);
+          if (own6.length && !a.v6) throw new VpnError('USAGE', `--route ${formatCidr6(own6[0]!)} is IPv6, and the server's tunnel carries no IPv6`);
           const mtu = o.mtu ?? a.mtu;
-          dev.up(a.address, mtu);
-          const routes = [...o.routes, ...a.routes];
+          dev.up([a.v4?.address, a.v6?.address].filter((x) => x !== undefined), mtu);
+          const routes: Prefix[] = [...own4, ...(a.v4?.routes ?? []), ...own6, ...(a.v6?.routes ?? [])];
           const remote = link.socket.remoteAddress;
-          const outer = remote ? parseIPv4(remote) : null;
-          if (outer !== null && routes.some((r) => cidrContains(r, outer))) dev.pinHostRoute(remote!);
+          if (remote) {
+            const outer4 = parseIPv4(remote);
+            const outer6 = outer4 === null ? parseIPv6(remote) : null;
+            const covered = routes.some((r) => (isCidr6(r) ? outer6 !== null && cidr6Contains(r, outer6) : outer4 !== null && cidrContains(r, outer4)));
+            if (covered) dev.pinHostRoute(remote);
+          }
           for (const r of routes) dev.addRoute(r);
+          const from4 = a.v4 ? [network4(a.v4.address), ...own4, ...a.v4.routes] : [];
+          const from6 = a.v6 ? [network6(a.v6.address), ...own6, ...a.v6.routes] : [];
+          filter = new InboundFilter({ v4: a.v4?.address.addr ?? null, v6: a.v6?.address.addr ?? null }, from4, from6);
+          const carries4 = a.v4 !== null;
+          const carries6 = a.v6 !== null;
           dev.start((p) => {
-            if (!isIPv4(p)) {
-              notIPv4++;
+            if (isIPv4(p) ? !carries4 : isIPv6(p) ? !carries6 : true) {
+              otherFamily++;
               return;
             }
             if (sess.queued > MAX_PEER_QUEUE) {
@@ -375,14 +740,16 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
             }
             sess.writeRecord(p);
           });
-          const via = routes.length ? `, routes ${routes.map(formatCidr).join(' ')}` : '';
-          log.info(`tunnel up: ${dev.name} ${formatCidr(a.address)}, server ${a.server}, mtu ${mtu}${via} (protocol v${sess.version})`);
+          const addresses = [a.v4 && formatCidr(a.v4.address), a.v6 && formatCidr6(a.v6.address)].filter(Boolean).join(' ');
+          const servers = [a.v4 && formatIPv4(a.v4.server), a.v6 && formatIPv6(a.v6.server)].filter(Boolean).join(' ');
+          const via = routes.length ? `, routes ${routes.map(formatPrefix).join(' ')}` : '';
+          log.info(`tunnel up: ${dev.name} ${addresses}, server ${servers}, mtu ${mtu}${via} (protocol v${sess.version})`);
         } catch (e) {
           sess.refuse(asVpnError(e, 'USAGE'));
         }
       },
       onData: (p) => {
-        dev.write(p);
+        if (filter?.check(p)) dev.write(p);
       },
       onPeerClose: () => session.close(),
       onEnd: () => {},
@@ -393,8 +760,10 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
     close: () => {
       dev.close();
       process.off('exit', onExit);
-      if (dev.stats.read + dev.stats.written > 0) {
-        log.info(`tun stats: ${dev.stats.read} packets read from ${dev.name}, ${dev.stats.written} written; dropped: ${dropped} queue full, ${notIPv4} not IPv4, ${dev.stats.writeErrors} refused by the kernel, ${dev.stats.malformed} malformed reads`);
+      const f = filter?.stats;
+      if (dev.stats.read + dev.stats.written > 0 || (f && f.malformed + f.otherFamily + f.notForUs + f.badSource > 0)) {
+        const inbound = filter ? filter.summary() : 'none';
+        log.info(`tun stats: ${dev.stats.read} packets read from ${dev.name}, ${dev.stats.written} written; dropped outbound: ${dropped} queue full, ${otherFamily} of a family the tunnel does not carry; dropped inbound: ${inbound}; ${dev.stats.writeErrors} refused by the kernel, ${dev.stats.malformed} malformed reads`);
       }
     },
   };

@@ -10,7 +10,7 @@
  * them again. Writes are one packet per write(2).
  */
 import { closeSync, existsSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
-import { type Cidr, formatCidr } from './address.ts';
+import { formatPrefix, isCidr6, type Prefix } from './address.ts';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
 
@@ -52,6 +52,14 @@ export function packetLength(b: Uint8Array, off = 0): number {
 export const isIPv4 = (p: Uint8Array) => p.length >= 20 && p[0]! >> 4 === 4;
 export const ipv4Src = (p: Uint8Array) => ((p[12]! << 24) | (p[13]! << 16) | (p[14]! << 8) | p[15]!) >>> 0;
 export const ipv4Dst = (p: Uint8Array) => ((p[16]! << 24) | (p[17]! << 16) | (p[18]! << 8) | p[19]!) >>> 0;
+/** IPv6 header (RFC 8200 §3): version 6 in the first nibble, the source at offset 8, the destination at 24 (16 bytes each). */
+export const isIPv6 = (p: Uint8Array) => p.length >= 40 && p[0]! >> 4 === 6;
+const u128 = (p: Uint8Array, off: number) => {
+  const v = new DataView(p.buffer, p.byteOffset + off, 16);
+  return (v.getBigUint64(0) << 64n) | v.getBigUint64(8);
+};
+export const ipv6Src = (p: Uint8Array) => u128(p, 8);
+export const ipv6Dst = (p: Uint8Array) => u128(p, 24);
 
 /** Split a chunk of whole packets read from a TUN fd; returns how many bytes at its end were not a whole packet. */
 export function splitPackets(chunk: Uint8Array, onPacket: (p: Uint8Array) => void): number {
@@ -165,16 +173,32 @@ export class TunDevice {
     return new TunDevice(fd, new TextDecoder().decode(ifr.subarray(0, end < 0 || end > IFNAMSIZ ? IFNAMSIZ : end)));
   }
 
-  /** Give the interface its address and MTU and bring it up (no IPv6 link-local address: this tunnel is IPv4). */
-  up(address: Cidr, mtu: number): void {
-    ip(['link', 'set', 'dev', this.name, 'mtu', String(mtu), 'addrgenmode', 'none']);
-    ip(['addr', 'add', formatCidr(address), 'dev', this.name]);
+  /**
+   * Give the interface its addresses (one per family) and MTU and bring it up. It never gets an IPv6 link-local
+   * address (addrgenmode none: TUN is point-to-point, no neighbour discovery runs on it), and IPv6 addresses skip
+   * duplicate address detection (nodad: nobody else is on the link). Throws USAGE when `ip` refuses.
+   */
+  up(addresses: Prefix[], mtu: number): void {
+    const has6 = addresses.some(isCidr6);
+    // addrgenmode first, at the device's initial MTU: once the MTU is below 1280 the kernel turns IPv6 off on the
+    // interface, and then setting addrgenmode fails (it is an IPv6 attribute).
+    try {
+      ip(['link', 'set', 'dev', this.name, 'addrgenmode', 'none']);
+    } catch (e) {
+      // Without IPv6 on this host there is no link-local address to suppress; only an IPv6 tunnel needs it.
+      if (has6) throw new VpnError('USAGE', `IPv6 is not available on ${this.name} (${(e as Error).message}); enable IPv6 on this host (sysctl net.ipv6.conf.all.disable_ipv6=0) or leave the IPv6 prefix out of --tun`);
+    }
+    ip(['link', 'set', 'dev', this.name, 'mtu', String(mtu)]);
+    for (const a of addresses) {
+      if (isCidr6(a)) ip(['-6', 'addr', 'add', formatPrefix(a), 'dev', this.name, 'nodad']);
+      else ip(['-4', 'addr', 'add', formatPrefix(a), 'dev', this.name]);
+    }
     ip(['link', 'set', 'dev', this.name, 'up']);
   }
 
-  /** Route `c` through the interface. */
-  addRoute(c: Cidr): void {
-    ip(['route', 'replace', formatCidr(c), 'dev', this.name]);
+  /** Route `c` (either family) through the interface. */
+  addRoute(c: Prefix): void {
+    ip([isCidr6(c) ? '-6' : '-4', 'route', 'replace', formatPrefix(c), 'dev', this.name]);
   }
 
   /**
@@ -182,11 +206,13 @@ export class TunDevice {
    * through the path it takes now.
    */
   pinHostRoute(host: string): void {
-    const how = ip(['-o', '-4', 'route', 'get', host]);
+    const v6 = host.includes(':');
+    const family = v6 ? '-6' : '-4';
+    const how = ip(['-o', family, 'route', 'get', host]);
     const via = /\bvia (\S+)/.exec(how)?.[1];
     const dev = /\bdev (\S+)/.exec(how)?.[1];
     if (!dev || dev === this.name) return;
-    const args = ['route', 'add', `${host}/32`, ...(via ? ['via', via] : []), 'dev', dev];
+    const args = [family, 'route', 'add', `${host}/${v6 ? 128 : 32}`, ...(via ? ['via', via] : []), 'dev', dev];
     try {
       ip(args);
       this.pinned.push(args);
@@ -236,7 +262,7 @@ export class TunDevice {
     this.closed = true;
     for (const args of this.pinned) {
       try {
-        ip(['route', 'del', ...args.slice(2)]);
+        ip([args[0]!, 'route', 'del', ...args.slice(3)]);
       } catch {
         // gone already
       }

@@ -7,7 +7,7 @@
  */
 import { randomBytes } from '@noble/ciphers/utils.js';
 import { closeSync, existsSync, openSync, readFileSync, statSync, writeSync, constants as fsc } from 'node:fs';
-import { type Address, type Cidr, DEFAULT_HOST, DEFAULT_PORT, parseAddress, parseCidr, parseRoute } from './address.ts';
+import { type Address, type Cidr, type Cidr6, DEFAULT_HOST, DEFAULT_PORT, formatPrefix, isCidr6, parseAddress, parseAnyRoute, parsePrefix, type Prefix } from './address.ts';
 import { ENGINE_NAMES, getEngine } from './engine.ts';
 import { asVpnError, EXIT_OK, EXIT_USAGE, VpnError } from './errors.ts';
 import { forwardMode, localMode } from './forward.ts';
@@ -16,7 +16,7 @@ import { log } from './log.ts';
 import { connectOne, serve, serveLocal } from './server.ts';
 import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
-import { DEFAULT_MTU, MAX_MTU, MAX_ROUTES, MIN_MTU, openTunClient, openTunServer } from './tun.ts';
+import { DEFAULT_MTU, MAX_MTU, MAX_ROUTES, MIN_MTU, MIN_MTU6, openTunClient, openTunServer } from './tun.ts';
 import { checkIfName, checkTunSupport, DEFAULT_NAME } from './tundevice.ts';
 import { keysFromSupervisor, MAX_WORKERS, superviseWorkers, workerIndex } from './workers.ts';
 import pkg from './package.json' with { type: 'json' };
@@ -81,10 +81,14 @@ keeps listening; each session's bytes go to stdout and come from stdin.
                          so that one server uses N cores; --max-conns counts per worker
   --require-pfs          refuse clients that offer protocol version 1 (--no-pfs)
   --tun ADDR/PREFIX      TUN mode (Linux, root): a layer-3 VPN; this server is ADDR on a new
-                         interface and hands each client a free address of the subnet
+                         interface and hands each client a free address of the subnet. Give
+                         it twice for dual-stack, one IPv4 and one IPv6 prefix
+                         (--tun 10.66.0.1/24 --tun fd00:66::1/64), or an IPv6 one alone
   --tun-name NAME        interface name (default vpn%d: the kernel picks vpn0, vpn1, …)
-  --mtu N                interface MTU (default ${DEFAULT_MTU}: a 1500-byte path less TCP/IP and frame overhead)
-  --route CIDR           with --tun, repeatable: push a route through the tunnel to every client
+  --mtu N                interface MTU (default ${DEFAULT_MTU}: a 1500-byte path less TCP/IP and frame overhead);
+                         ${MIN_MTU} to ${MAX_MTU}, at least ${MIN_MTU6} with IPv6 in the tunnel
+  --route CIDR           with --tun, repeatable: push a route (IPv4 or IPv6) through the tunnel to
+                         every client; at most ${MAX_ROUTES} of each family
 
 ${SECRET_HELP}
 
@@ -109,10 +113,13 @@ line chat; otherwise stdin goes to the peer and the peer's bytes to stdout — a
   --max-conns N          with --local: open local connections at most (default 100)
   --tun auto|ADDR[/PREFIX]
                          TUN mode (Linux, root): a layer-3 VPN on a new interface, with
-                         the address the server hands out (auto) or the one asked for
+                         the addresses the server hands out (auto: one of each family the
+                         server has) or the one asked for (IPv4 or IPv6; give --tun twice
+                         to ask for one of each)
   --tun-name NAME        interface name (default vpn%d: the kernel picks vpn0, vpn1, …)
-  --mtu N                interface MTU (default: the server's, normally ${DEFAULT_MTU})
-  --route CIDR           with --tun, repeatable: send CIDR through the tunnel
+  --mtu N                interface MTU (default: the server's, normally ${DEFAULT_MTU}); below
+                         ${MIN_MTU6} the client asks for IPv4 only
+  --route CIDR           with --tun, repeatable: send CIDR (IPv4 or IPv6) through the tunnel
 
 ${SECRET_HELP}
 
@@ -159,7 +166,7 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   grace: { kind: 'string' },
   'proxy-protocol': { kind: 'boolean' },
   workers: { kind: 'string' },
-  tun: { kind: 'string' },
+  tun: { kind: 'list' },
   'tun-name': { kind: 'string' },
   mtu: { kind: 'string' },
   route: { kind: 'list' },
@@ -291,11 +298,31 @@ function mtu(f: Flags): number | undefined {
   return t === undefined ? undefined : integer('mtu', t, 0, MIN_MTU, MAX_MTU);
 }
 
-function routes(f: Flags): Cidr[] {
-  const list = (f.route as string[] | undefined) ?? [];
-  if (list.length > MAX_ROUTES) throw new VpnError('USAGE', `--route: at most ${MAX_ROUTES} routes, got ${list.length}`);
-  return list.map((t) => parseRoute(t));
+function routes(f: Flags): Prefix[] {
+  const list = ((f.route as string[] | undefined) ?? []).map((t) => parseAnyRoute(t));
+  const n6 = list.filter(isCidr6).length;
+  for (const [n, family] of [[list.length - n6, 'IPv4'], [n6, 'IPv6']] as const) {
+    if (n > MAX_ROUTES) throw new VpnError('USAGE', `--route: at most ${MAX_ROUTES} ${family} routes, got ${n}`);
+  }
+  return list;
 }
+
+/** The --tun values other than `auto`: at most one prefix of each family. `bare` as in parsePrefix. */
+function tunPrefixes(values: string[], what: string, bare?: number): { v4: Cidr | null; v6: Cidr6 | null } {
+  const out: { v4: Cidr | null; v6: Cidr6 | null } = { v4: null, v6: null };
+  for (const t of values) {
+    const c = parsePrefix(t, what, bare);
+    const prev = isCidr6(c) ? out.v6 : out.v4;
+    if (prev) throw new VpnError('USAGE', `--tun: one IPv4 and one IPv6 address at most, got two ${isCidr6(c) ? 'IPv6' : 'IPv4'} ones (${printable(t)} after ${formatPrefix(prev)})`);
+    if (isCidr6(c)) out.v6 = c;
+    else out.v4 = c;
+  }
+  return out;
+}
+
+/** The sentence for an MTU too small for IPv6. */
+const mtuTooSmallFor6 = (m: number, why: string) =>
+  new VpnError('USAGE', `--mtu ${m} is below ${MIN_MTU6}, the smallest MTU IPv6 allows (RFC 8200), and ${why}: use --mtu ${MIN_MTU6} or more, or leave IPv6 out`);
 
 /** The TUN flags without --tun: say how to ask for TUN mode. */
 function tunFlagsAlone(f: Flags, how: string): void {
@@ -442,13 +469,20 @@ async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly s
   if (positionals.length > 0) throw new VpnError('USAGE', `serve takes no positional arguments (did you mean --listen ${printable(positionals[0]!)}?)`);
   const listenAddr = parseAddress(str(f, 'listen') ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen');
   const limits = { listen: listenAddr, maxConns: maxConns(f), graceMs: graceMs(f) };
-  const tun = str(f, 'tun');
+  const tun = f.tun as string[] | undefined;
   const forward = str(f, 'forward');
   if (tun !== undefined) {
     refuse(f, ['forward', 'proxy-protocol', 'workers'], (n) => `${n} belongs to port forwarding, not to TUN mode; use one or the other`);
     refuse(f, ['once'], () => '--once does not apply to --tun; a TUN server serves every client until it is stopped');
-    if (tun === 'auto') throw new VpnError('USAGE', "serve --tun needs the server's tunnel address and subnet, as in --tun 10.66.0.1/24");
-    const o = { address: parseCidr(tun, '--tun'), name: tunName(f), mtu: mtu(f) ?? DEFAULT_MTU, routes: routes(f) };
+    if (tun.includes('auto')) throw new VpnError('USAGE', "serve --tun needs the server's tunnel address and subnet, as in --tun 10.66.0.1/24 (or --tun fd00:66::1/64)");
+    const { v4, v6 } = tunPrefixes(tun, '--tun');
+    const m = mtu(f) ?? DEFAULT_MTU;
+    if (v6 && m < MIN_MTU6) throw mtuTooSmallFor6(m, `--tun ${formatPrefix(v6)} puts IPv6 in the tunnel`);
+    const r = routes(f);
+    for (const c of r) {
+      if (isCidr6(c) ? !v6 : !v4) throw new VpnError('USAGE', `--route ${formatPrefix(c)} is ${isCidr6(c) ? 'IPv6' : 'IPv4'}, but the tunnel carries no ${isCidr6(c) ? 'IPv6' : 'IPv4'}; add --tun with such a prefix`);
+    }
+    const o = { address: v4, address6: v6, name: tunName(f), mtu: m, routes: r.filter((c): c is Cidr => !isCidr6(c)), routes6: r.filter(isCidr6) };
     const base = sessionBase(f, 'server');
     checkTunSupport();
     const b = await base();
@@ -479,14 +513,21 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
   if (positionals.length > 1) throw new VpnError('USAGE', 'connect takes at most one address');
   const target = parseAddress(positionals[0] ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, 'address');
   const grace = graceMs(f);
-  const tun = str(f, 'tun');
+  const tun = f.tun as string[] | undefined;
   const local = str(f, 'local');
   if (local === undefined) refuse(f, ['max-conns'], () => '--max-conns applies to connect --local (a plain connect opens one session)');
   if (tun !== undefined) {
     refuse(f, ['local'], (n) => `${n} belongs to port forwarding, not to TUN mode; use one or the other`);
+    if (tun.includes('auto') && tun.length > 1) throw new VpnError('USAGE', '--tun auto asks for every address the server has; give it alone, or give the addresses you want instead');
     // A bare ADDR gets the server's prefix: -1 stands for "whatever the subnet is".
-    const request = tun === 'auto' ? null : parseCidr(tun, '--tun (auto, ADDR or ADDR/PREFIX)', -1);
-    const o = { request, name: tunName(f), mtu: mtu(f), routes: routes(f) };
+    const { v4, v6 } = tun.includes('auto') ? { v4: null, v6: null } : tunPrefixes(tun, '--tun (auto, ADDR or ADDR/PREFIX)', -1);
+    const m = mtu(f);
+    const ipv6 = m === undefined || m >= MIN_MTU6;
+    if (v6 && !ipv6) throw mtuTooSmallFor6(m!, `--tun ${printable(tun.find((t) => t.includes(':'))!)} asks for IPv6`);
+    const r = routes(f);
+    const r6 = r.find(isCidr6);
+    if (r6 && !ipv6) throw mtuTooSmallFor6(m!, `--route ${formatPrefix(r6)} needs IPv6 in the tunnel`);
+    const o = { request: v4, request6: v6, ipv6, name: tunName(f), mtu: m, routes: r };
     const base = sessionBase(f, 'client');
     checkTunSupport();
     const b = await base();

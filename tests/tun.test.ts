@@ -30,6 +30,8 @@ function ipv4(src: string, dst: string, extra = 8): Uint8Array {
   return p;
 }
 const ip = (t: string) => parseCidr(t, 'test', 32).addr;
+/** A client that holds IPv4 address `t` only. */
+const v4 = (t: string) => ({ v4: ip(t), v6: null });
 
 describe('the address pool', () => {
   test('hands out the lowest free host address, skipping the server, and the same one again once released', () => {
@@ -94,10 +96,10 @@ describe('the router', () => {
 
   test('carries a packet from one client to another, and to the kernel for the server or beyond the subnet', () => {
     const { router, toKernel, b } = setup();
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.3'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.3'));
     expect(b.got).toHaveLength(1);
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.1'));
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '10.77.0.1'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.1'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '10.77.0.1'));
     expect(toKernel).toHaveLength(2);
   });
 
@@ -106,31 +108,32 @@ describe('the router', () => {
     router.fromInterface(ipv4('10.66.0.1', '10.66.0.2'));
     expect(a.got).toHaveLength(1);
     router.fromInterface(ipv4('10.66.0.1', '10.66.0.99'));
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.99'));
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.255'));
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '224.0.0.22'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.99'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.255'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '224.0.0.22'));
     expect(router.stats.unknown).toBe(4);
     expect(toKernel).toHaveLength(0);
   });
 
   test('drops a packet whose source is not the sending client (no spoofing another client)', () => {
     const { router, b, toKernel } = setup();
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.3', '10.66.0.1'));
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.9', '10.66.0.3'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.3', '10.66.0.1'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.9', '10.66.0.3'));
     expect(router.stats.spoofed).toBe(2);
     expect(b.got).toHaveLength(0);
     expect(toKernel).toHaveLength(0);
   });
 
-  test('drops IPv6, truncated packets, and packets for a client whose queue is full; forgets a detached client', () => {
+  test('drops IPv6 in an IPv4-only tunnel, truncated packets, and packets for a client whose queue is full; forgets a detached client', () => {
     const { router, a, b } = setup();
     const v6 = new Uint8Array(48);
     v6[0] = 0x60;
-    router.fromClient(ip('10.66.0.2'), v6);
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.3').subarray(0, 24));
-    expect(router.stats.notIPv4).toBe(2);
+    v6[5] = 8;
+    router.fromClient(v4('10.66.0.2'), v6);
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.3').subarray(0, 24));
+    expect([router.stats.otherFamily, router.stats.malformed]).toEqual([1, 1]);
     b.queued = MAX_PEER_QUEUE + 1;
-    router.fromClient(ip('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.3'));
+    router.fromClient(v4('10.66.0.2'), ipv4('10.66.0.2', '10.66.0.3'));
     expect(router.stats.queueFull).toBe(1);
     router.detach(ip('10.66.0.2'), b); // not the holder: ignored
     router.fromInterface(ipv4('10.66.0.1', '10.66.0.2'));
