@@ -42,6 +42,8 @@ export const RECORD = {
   PONG: 0x03,
   /** session set-up, JSON; each side sends exactly one, first (§8) */
   CONFIG: 0x04,
+  /** acknowledged close: what this side verified of the peer's direction, sent once after the peer's CLOSE (§7) */
+  ACK: 0x05,
 } as const;
 export type RecordType = (typeof RECORD)[keyof typeof RECORD];
 const KNOWN_TYPES = new Set<number>(Object.values(RECORD));

@@ -8,8 +8,12 @@
  *   open        both directions carry DATA
  *   sentClose   we sent CLOSE; the peer may still send          ┐ half-closed (§7)
  *   peerClosed  the peer sent CLOSE; we may still send          ┘
- *   flushing    both CLOSEs exchanged; our last frames are leaving
+ *   flushing    both CLOSEs exchanged (and, with acknowledged close, our CLOSE confirmed); our last frames leave
  *   done        over; the transport is closed, or half-closed and lingering for the peer's FIN
+ *
+ * Acknowledged close (§7 ACK, negotiated in CONFIG): a side that verified the peer's CLOSE answers with ACK, the byte
+ * and record counts of DATA it verified; a side that sent CLOSE ends cleanly only once an ACK confirming exactly what
+ * it sent has arrived. So a sender's clean end means "the peer verified all of it", not only "all was sent".
  *
  * Every way a session can end goes through `finish(err, how)`: one place that stops the timers, closes the
  * transport and reports to the application exactly once. A peer that misbehaves ends its own session, never the
@@ -111,7 +115,11 @@ export class Session {
   private openedAt = 0;
   private authenticatedAt = 0;
   private endedBy: VpnError | null | undefined = undefined;
-  private counts = { bytesIn: 0, bytesOut: 0 };
+  private counts = { bytesIn: 0, bytesOut: 0, recordsIn: 0, recordsOut: 0 };
+  /** both CONFIGs said `"ack": true`: the end is acknowledged (§7, §8.1) */
+  private acked = false;
+  /** with `acked`: we sent CLOSE and no ACK has confirmed it yet */
+  private awaitingAck = false;
 
   constructor(
     readonly transport: Transport,
@@ -174,6 +182,10 @@ export class Session {
   get sending(): boolean {
     return this.phaseNow === 'open' || this.phaseNow === 'peerClosed';
   }
+  /** whether this session's end is acknowledged (both sides offered `ack` in CONFIG) */
+  get acknowledgedClose(): boolean {
+    return this.acked;
+  }
   /** outbound bytes waiting for the transport */
   get queued(): number {
     return this.transport.queued;
@@ -228,12 +240,17 @@ export class Session {
         }
     }
     try {
+      if (this.awaitingAck) throw this.unconfirmed(); // what matters to a sender: its data was not confirmed
       this.receiver!.end();
     } catch (e) {
       this.finish(asVpnError(e), 'close');
       return;
     }
     this.maybeFinish();
+  }
+
+  private unconfirmed(): VpnError {
+    return new VpnError('TRUNCATED', `the peer did not confirm receipt: ${this.counts.bytesOut} bytes unconfirmed (the connection ended before its ACK)`);
   }
 
   onClose(err?: Error): void {
@@ -244,6 +261,10 @@ export class Session {
     }
     if (p === 'handshake' || (p === 'config' && this.o.role === 'client')) {
       this.finish(err ? new VpnError('AUTH_FAILED', `connection lost during the handshake (${err.message})`) : this.handshakeEof(), 'close');
+      return;
+    }
+    if (this.awaitingAck) {
+      this.finish(this.unconfirmed(), 'close');
       return;
     }
     if (p === 'flushing') {
@@ -324,7 +345,7 @@ export class Session {
     }
     this.authenticatedAt = Date.now();
     this.phaseNow = 'config';
-    if (this.o.role === 'client') this.sendConfig(this.o.config({}) as Json); // C3: CONFIG right behind message 3 (§8)
+    if (this.o.role === 'client') this.sendConfig({ ...(this.o.config({}) as Json), ack: true }); // C3: CONFIG right behind message 3 (§8)
     const rest = this.hsBuf;
     this.hsBuf = new Uint8Array(0);
     if (rest.length > 0) this.feed(rest);
@@ -351,6 +372,7 @@ export class Session {
     switch (type) {
       case RECORD.DATA:
         this.counts.bytesIn += payload.length;
+        this.counts.recordsIn++;
         this.app.onData(payload);
         return;
       case RECORD.CLOSE: {
@@ -360,10 +382,14 @@ export class Session {
           return;
         }
         this.phaseNow = p === 'sentClose' ? 'flushing' : 'peerClosed';
+        if (this.acked) this.sendRecord(RECORD.ACK, ackPayload(this.counts.bytesIn, this.counts.recordsIn));
         this.app.onPeerClose();
         this.maybeFinish();
         return;
       }
+      case RECORD.ACK:
+        this.onAck(payload);
+        return;
       case RECORD.PING:
         // Under the same backpressure as data: answered at once only when nothing is queued, else one PONG is
         // owed until the queue drains — a peer that floods PINGs and never reads makes us hold nothing more.
@@ -376,6 +402,19 @@ export class Session {
         throw new VpnError('INTEGRITY', 'unexpected CONFIG record');
     }
   };
+
+  /** The peer's ACK (§7): it must confirm exactly what we sent, once, after our CLOSE. */
+  private onAck(payload: Uint8Array): void {
+    if (!this.acked || !this.awaitingAck || payload.length !== ACK_LEN) throw new VpnError('INTEGRITY', 'unexpected ACK record');
+    const v = new DataView(payload.buffer, payload.byteOffset, ACK_LEN);
+    const bytes = Number(v.getBigUint64(0));
+    const records = Number(v.getBigUint64(8));
+    if (bytes !== this.counts.bytesOut || records !== this.counts.recordsOut) {
+      throw new VpnError('TRUNCATED', `the peer did not confirm receipt: ${this.counts.bytesOut - bytes} bytes unconfirmed (it verified ${bytes} of ${this.counts.bytesOut})`);
+    }
+    this.awaitingAck = false;
+    this.maybeFinish();
+  }
 
   private onConfig(payload: Uint8Array): void {
     if (payload.length > MAX_CONFIG) throw new VpnError('INTEGRITY', 'CONFIG record too large');
@@ -395,14 +434,17 @@ export class Session {
         this.finish(answer, 'linger');
         return;
       }
-      this.sendConfig(answer);
+      this.acked = peer.ack === true;
+      this.sendConfig(this.acked ? { ...answer, ack: true } : answer);
     } else {
       const refusal = readRefusal(payload, 'the server refused the session', peer);
       if (refusal) {
         this.finish(refusal, 'close');
         return;
       }
+      this.acked = peer.ack === true;
     }
+    this.o.trace?.(`acknowledged close: ${this.acked ? 'on (both sides offered it)' : "off (the peer did not offer it): a clean end means all was sent, not that the peer verified it"}`);
     clearTimeout(this.hsTimer);
     this.phaseNow = 'open';
     this.openedAt = Date.now();
@@ -451,6 +493,7 @@ export class Session {
     for (let off = 0; off < data.length; off += MAX_PAYLOAD) {
       const part = data.subarray(off, Math.min(off + MAX_PAYLOAD, data.length));
       this.counts.bytesOut += part.length;
+      this.counts.recordsOut++;
       ok = this.sendRecord(RECORD.DATA, part);
     }
     return ok;
@@ -460,6 +503,7 @@ export class Session {
   writeRecord(data: Uint8Array): boolean {
     if (!this.sending || data.length > MAX_PAYLOAD) return false;
     this.counts.bytesOut += data.length;
+    this.counts.recordsOut++;
     return this.sendRecord(RECORD.DATA, data);
   }
 
@@ -478,6 +522,7 @@ export class Session {
   close(): void {
     if (!this.sending) return;
     this.phaseNow = this.phaseNow === 'peerClosed' ? 'flushing' : 'sentClose';
+    this.awaitingAck = this.acked;
     this.sendRecord(RECORD.CLOSE);
     this.maybeFinish();
   }
@@ -502,7 +547,7 @@ export class Session {
   }
 
   private maybeFinish(): void {
-    if (this.phaseNow === 'flushing' && this.transport.empty) this.finish(null, 'linger');
+    if (this.phaseNow === 'flushing' && !this.awaitingAck && this.transport.empty) this.finish(null, 'linger');
   }
 
   /** End the session now: `null` for a clean end, else the reason. Idempotent. */
@@ -533,6 +578,16 @@ export class Session {
     clearTimeout(this.lingerTimer);
     this.transport.close();
   }
+}
+
+/** ACK payload (§7): u64be bytes ‖ u64be records of DATA verified. */
+const ACK_LEN = 16;
+function ackPayload(bytes: number, records: number): Uint8Array {
+  const b = new Uint8Array(ACK_LEN);
+  const v = new DataView(b.buffer);
+  v.setBigUint64(0, BigInt(bytes));
+  v.setBigUint64(8, BigInt(records));
+  return b;
 }
 
 /** Refusal codes (§8): what the refusing side's reason means for the other side's exit status. */

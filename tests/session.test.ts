@@ -28,6 +28,9 @@ class FakeLink implements Transport {
   queued = 0;
   /** a dead path: nothing written arrives, nothing is reported */
   dead = false;
+  /** a man in the middle that forges a FIN after this many bytes: later writes are dropped */
+  cutAfter = Infinity;
+  private written = 0;
   readonly log: string[] = [];
   pauses = 0;
   constructor(readonly peer: string) {}
@@ -38,6 +41,12 @@ class FakeLink implements Transport {
   write(data: Uint8Array): boolean {
     if (this.closed || this.sentFin) return false;
     if (this.dead) return true;
+    if (this.written + data.length > this.cutAfter) {
+      if (this.written <= this.cutAfter) this.peerLink.deliver({ kind: 'end' });
+      this.written = this.cutAfter + 1;
+      return true;
+    }
+    this.written += data.length;
     this.queued += data.length;
     this.peerLink.deliver({ kind: 'data', chunk: data.slice(), from: this });
     return this.queued < FAKE_HIGH_WATER;
@@ -162,8 +171,9 @@ describe('opening (§3, §8)', () => {
   test('the handshake and both CONFIG records open the session on both sides, each with the other\'s CONFIG', async () => {
     const r = rig({ server: { config: (peer) => ({ mode: 'answer', saw: peer.mode }) }, client: { config: () => ({ mode: 'asked' }) } });
     expect(await opened(r)).toBe(true);
-    expect(r.capp.opened).toEqual({ mode: 'answer', saw: 'asked' });
-    expect(r.sapp.opened).toEqual({ mode: 'asked' });
+    expect(r.capp.opened).toEqual({ mode: 'answer', saw: 'asked', ack: true });
+    expect(r.sapp.opened).toEqual({ mode: 'asked', ack: true });
+    expect(r.client.acknowledgedClose && r.server.acknowledgedClose).toBe(true);
     expect([r.client.version, r.server.version]).toEqual([2, 2]);
     expect(r.client.authenticated && r.server.authenticated).toBe(true);
   });
@@ -363,6 +373,7 @@ describe('session set-up and end as PROTOCOL.md §8 says', () => {
     expect(await until(() => sapp.peerClosed, 5000)).toBe(true);
     expect(sapp.opened).toEqual({ mode: 'stdio' });
     expect(Buffer.compare(sapp.bytes, payload)).toBe(0);
+    expect(server.acknowledgedClose).toBe(false); // this client did not offer it: the end means what it meant before
   });
 
   test('a client that cannot use the answer refuses it with a CLOSE that says why: the server ends with that reason, not a truncation', async () => {
@@ -401,5 +412,35 @@ describe('session set-up and end as PROTOCOL.md §8 says', () => {
       expect(await until(() => r.cl.log.join() === 'shutdown,close' && r.sl.log.join() === 'shutdown,close', 3000)).toBe(true);
     });
   }
+});
+
+describe('acknowledged close (§7 ACK)', () => {
+  test('both sides confirm what they verified: a clean end on each side means the peer verified every byte it was sent', async () => {
+    const r = rig();
+    await opened(r);
+    const up = random(300_000);
+    const down = random(200_000);
+    r.client.write(up);
+    r.server.write(down);
+    r.client.close();
+    r.server.close();
+    expect(await r.capp.done.promise).toBeNull();
+    expect(await r.sapp.done.promise).toBeNull();
+    expect(Buffer.compare(r.sapp.bytes, up)).toBe(0);
+    expect(Buffer.compare(r.capp.bytes, down)).toBe(0);
+  });
+
+  test('a FIN forged into an upload: the receiver reports a truncation, and the sender does not end cleanly — it says how much was unconfirmed', async () => {
+    const r = rig();
+    await opened(r);
+    r.cl.cutAfter = 100_000; // everything the client writes after this is dropped, and the server sees a FIN
+    r.client.write(random(400_000));
+    r.client.close();
+    const se = await r.sapp.done.promise;
+    expect(se?.code).toBe('TRUNCATED');
+    const ce = await r.capp.done.promise;
+    expect(ce?.code).toBe('TRUNCATED');
+    expect(ce?.message).toMatch(/the peer did not confirm receipt: \d+ bytes unconfirmed/);
+  });
 });
 

@@ -6,6 +6,7 @@ import { describe, expect, setDefaultTimeout, test } from 'bun:test';
 import type { Socket } from 'bun';
 import { join } from 'node:path';
 import { feedStdin, keygen, Pty, random, rssKiB, sha256, tempDir, until, VpnProcess } from './helpers.ts';
+import { feedQuietly, MitmProxy } from './mitm.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
@@ -234,7 +235,7 @@ async function feedSlowly(p: VpnProcess, data: Uint8Array, o: { chunk?: number; 
 async function rawConnect(port: number) {
   const state = { ended: false, error: false, closed: false, closedAt: 0, bytes: 0 };
   const closed = Promise.withResolvers<void>();
-  const sock: Socket<undefined> = await Bun.connect({
+  const connecting = Bun.connect({
     hostname: '127.0.0.1',
     port,
     allowHalfOpen: true,
@@ -253,6 +254,14 @@ async function rawConnect(port: number) {
       },
     },
   });
+  let sock: Socket<undefined> | null = null;
+  try {
+    sock = await connecting;
+  } catch {
+    // Reset while connecting: a server that refuses at once can do that before the connect completes.
+    Object.assign(state, { error: true, closed: true, closedAt: Date.now() });
+    closed.resolve();
+  }
   return { sock, state, closed: closed.promise };
 }
 
@@ -276,12 +285,12 @@ describe('a stdio server serves one session; nothing else touches it', () => {
 
     // A bare TCP connect that closes at once.
     const bare = await rawConnect(port);
-    bare.sock.end();
+    bare.sock!.end();
     // 200 junk bytes (0xff names no protocol version): the server closes it.
     const junk = await rawConnect(port);
     const junkBytes = random(200);
     junkBytes[0] = 0xff;
-    junk.sock.write(junkBytes);
+    junk.sock!.write(junkBytes);
     // A client with the wrong key, and a second client with the right one.
     using bad = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', wrong], { stdin: 'pipe' });
     using busy = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key], { stdin: 'pipe' });
@@ -329,7 +338,7 @@ describe('limits and logs are the same in every mode', () => {
     await Bun.sleep(300);
     expect(idle.map((c) => c.state.closed)).toEqual([false, false]);
     await srv.waitFor(/connection limit reached \(--max-conns 2\)/, 3000);
-    for (const c of idle) c.sock.end();
+    for (const c of idle) c.sock!.end();
     await Promise.all(idle.map((c) => c.closed));
     using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key], { stdin: 'pipe' });
     await Promise.all([feedStdin(srv, new TextEncoder().encode('from server')), feedStdin(cli, new TextEncoder().encode('from client'))]);
@@ -386,5 +395,38 @@ describe('--step on a terminal', () => {
     expect(await pty.exit(), pty.out).toBe(0);
     expect(new TextDecoder().decode(await srv.stdoutBytes)).toBe('typed after the handshake\n');
     expect(await srv.exit()).toBe(0);
+  });
+});
+
+describe('acknowledged close: a sender exits 0 only when the peer confirmed everything', () => {
+  test('a FIN forged 1 MiB into a 4 MiB upload: serve --once exits 4 with a strict prefix, and connect exits 4 too, saying how much was unconfirmed', async () => {
+    using dir = tempDir();
+    const key = await keygen(dir.path);
+    const upload = random(4 << 20);
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key], { stdin: 'pipe' });
+    const port = await srv.listeningPort();
+    using mitm = MitmProxy.start({ target: { port }, tamper: [{ dir: 'c2s', at: (1 << 20) + 12345, action: { kind: 'fin' } }] });
+    using cli = new VpnProcess(['connect', `127.0.0.1:${mitm.port}`, '--key', key], { stdin: 'pipe' });
+    void feedQuietly(srv.proc, new Uint8Array(0), { end: true });
+    void feedQuietly(cli.proc, upload, { end: true });
+    const [srvCode, cliCode] = await Promise.all([srv.exit(20000), cli.exit(20000)]);
+    const out = await srv.stdoutBytes;
+    expect(mitm.conns[0]?.fired).toBe(true);
+    expect(srvCode).toBe(4);
+    expect(out.length).toBeLessThan(upload.length);
+    expect(Buffer.compare(out, upload.subarray(0, out.length))).toBe(0);
+    expect(cliCode).toBe(4); // before acknowledged close this was 0: "all sent" is not "all received"
+    expect(cli.stderr).toMatch(/the peer did not confirm receipt: \d+ bytes unconfirmed/);
+  });
+
+  test('-v says that acknowledged close applies', async () => {
+    using dir = tempDir();
+    const key = await keygen(dir.path);
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key], { stdin: 'pipe' });
+    const port = await srv.listeningPort();
+    using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key, '-v'], { stdin: 'pipe' });
+    await Promise.all([feedStdin(srv, new TextEncoder().encode('a')), feedStdin(cli, new TextEncoder().encode('b'))]);
+    expect([await cli.exit(), await srv.exit()]).toEqual([0, 0]);
+    expect(cli.stderr).toContain('acknowledged close: on (both sides offered it)');
   });
 });
