@@ -356,6 +356,27 @@ describe('end of stream and record types (§7)', () => {
     expect(feed(new ChannelReceiver(nobleEngine, keys), [handmade(keys, iv, good)]).got).toEqual([[RECORD.PING, '']]);
   });
 
+  test('a verified frame of L = 65552 whose plaintext is longer than 1 + 65536 bytes is rejected and not delivered (§6 D2.5)', () => {
+    const keys = dirKeys();
+    const iv = rand(16);
+    for (const over of [1, 14]) {
+      // type ‖ (MAX_PAYLOAD + over) bytes, PKCS#7 padded: still L = MAX_CIPHERTEXT, a length the receiver must buffer.
+      const ct = nobleEngine.encryptCbc(keys.enc, iv, cat(Uint8Array.of(RECORD.DATA), rand(MAX_PAYLOAD + over)), true);
+      expect(ct.length).toBe(MAX_CIPHERTEXT);
+      for (const e of ENGINES) {
+        const { got, err } = feed(new ChannelReceiver(e, keys), [handmade(keys, iv, ct)]);
+        expectCode(err, 'INTEGRITY');
+        expect(err!.message).toContain(`more than ${MAX_PAYLOAD} bytes`);
+        expect(got).toEqual([]);
+      }
+    }
+    // Control: exactly MAX_PAYLOAD bytes in the same L is accepted by both engines.
+    const payload = rand(MAX_PAYLOAD);
+    const ct = nobleEngine.encryptCbc(keys.enc, iv, cat(Uint8Array.of(RECORD.DATA), payload), true);
+    expect(ct.length).toBe(MAX_CIPHERTEXT);
+    for (const e of ENGINES) expect(feed(new ChannelReceiver(e, keys), [handmade(keys, iv, ct)]).got).toEqual([[RECORD.DATA, hex(payload)]]);
+  });
+
   test('a verified frame with an empty plaintext (no record type) is rejected', () => {
     const keys = dirKeys();
     const iv = rand(16);
