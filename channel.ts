@@ -10,8 +10,8 @@
  *   plaintext = type (1) ‖ payload (0 … MAX_PAYLOAD), PKCS#7 padded, so 16 ≤ L ≤ MAX_CIPHERTEXT and L % 16 = 0
  *
  * Receive order (D2) is fixed: bound L → buffer the frame → recompute the MAC → constant-time compare → decrypt
- * (and bound the plaintext: at most 1 + MAX_PAYLOAD) → advance the chain → check the record type → deliver. Nothing of a frame that failed is ever delivered, and
- * after a failure the receiver refuses everything.
+ * → bound the plaintext (1 + MAX_PAYLOAD) → advance the chain → check the record type → deliver. Nothing of a frame
+ * that failed is ever delivered, and after a failure the receiver refuses everything.
  */
 import { equalBytes, randomBytes } from '@noble/ciphers/utils.js';
 import { type Engine, type KeyedMac, MAC_LEN } from './engine.ts';
@@ -266,11 +266,11 @@ export class ChannelReceiver {
       // Only a peer holding the MAC key can get here: a verified frame with bad padding is a peer bug.
       this.fail(`frame ${this.frames + 1} has invalid padding`);
     }
+    // D2.5: L = MAX_CIPHERTEXT can hold up to 15 bytes more than a record may carry (§6: 1 + MAX_PAYLOAD).
+    if (pt.length > TYPE_LEN + MAX_PAYLOAD) this.fail(`frame ${this.frames + 1} carries more than ${MAX_PAYLOAD} bytes of payload`);
     this.chain = expect;
     this.frames++;
     this.trace?.('recv', pt.length > 0 ? pt[0]! : -1, ctEnd - HEADER_LEN, iv, expect);
-    // D2.5: L = MAX_CIPHERTEXT can hold up to 15 bytes more than a record may carry (§6: 1 + MAX_PAYLOAD).
-    if (pt.length > TYPE_LEN + MAX_PAYLOAD) this.fail(`frame ${this.frames} carries more than ${MAX_PAYLOAD} bytes of payload`);
     if (pt.length < TYPE_LEN || !KNOWN_TYPES.has(pt[0]!)) this.fail(`frame ${this.frames} has an unknown record type`);
     const type = pt[0] as RecordType;
     if (this.closed && (type === RECORD.DATA || type === RECORD.CLOSE || type === RECORD.CONFIG)) {
