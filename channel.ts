@@ -44,6 +44,8 @@ export const RECORD = {
   CONFIG: 0x04,
   /** acknowledged close: what this side verified of the peer's direction, sent once after the peer's CLOSE (§7) */
   ACK: 0x05,
+  /** rekeying: a fresh X25519 exchange inside the channel; new keys from the old state and the new DH (§7) */
+  REKEY: 0x06,
 } as const;
 export type RecordType = (typeof RECORD)[keyof typeof RECORD];
 const KNOWN_TYPES = new Set<number>(Object.values(RECORD));
@@ -98,8 +100,8 @@ function nextIv(out: Uint8Array): void {
 /** D1: seals records for one direction. */
 export class ChannelSender {
   private readonly engine: Engine;
-  private readonly enc: Uint8Array;
-  private readonly mac: KeyedMac;
+  private enc: Uint8Array;
+  private mac: KeyedMac;
   private chain: Uint8Array;
   private readonly ivSource?: (n: number) => Uint8Array;
   trace?: FrameTracer;
@@ -113,6 +115,19 @@ export class ChannelSender {
     this.mac = engine.mac(keys.mac);
     this.chain = keys.chain0.slice();
     this.ivSource = ivSource;
+  }
+
+  /** The chain value after the last frame sealed (§6): the MAC of that frame. */
+  get chainValue(): Uint8Array {
+    return this.chain;
+  }
+
+  /** Rekeying (§7 REKEY): every later frame uses `keys`; the old encryption key is wiped. */
+  rekey(keys: DirectionKeys): void {
+    this.enc.fill(0);
+    this.enc = keys.enc;
+    this.mac = this.engine.mac(keys.mac);
+    this.chain = keys.chain0.slice();
   }
 
   /** One record → one frame. Throws on an oversize payload or DATA after CLOSE (a caller bug, not a peer's). */
@@ -152,8 +167,8 @@ export type RecordHandler = (type: RecordType, payload: Uint8Array) => void;
 /** D2: verifies and opens frames of one direction from a byte stream, in order. */
 export class ChannelReceiver {
   private readonly engine: Engine;
-  private readonly enc: Uint8Array;
-  private readonly mac: KeyedMac;
+  private enc: Uint8Array;
+  private mac: KeyedMac;
   private chain: Uint8Array;
   private hdr = new Uint8Array(LEN_LEN);
   private hdrHave = 0;
@@ -169,6 +184,22 @@ export class ChannelReceiver {
     this.engine = engine;
     this.enc = keys.enc;
     this.mac = engine.mac(keys.mac);
+    this.chain = keys.chain0.slice();
+  }
+
+  /** The chain value after the last frame verified (§6). */
+  get chainValue(): Uint8Array {
+    return this.chain;
+  }
+
+  /**
+   * Rekeying (§7 REKEY): frames after the one being delivered now are verified and opened with `keys` (the switch
+   * happens between two frames of the same chunk if need be); the old encryption key is wiped.
+   */
+  rekey(keys: DirectionKeys): void {
+    this.enc.fill(0);
+    this.enc = keys.enc;
+    this.mac = this.engine.mac(keys.mac);
     this.chain = keys.chain0.slice();
   }
 

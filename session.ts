@@ -24,7 +24,8 @@ import { bytesToHex } from '@noble/hashes/utils.js';
 import { ChannelReceiver, ChannelSender, MAX_PAYLOAD, RECORD, type RecordType } from './channel.ts';
 import type { Engine } from './engine.ts';
 import { asVpnError, VpnError } from './errors.ts';
-import { ClientHandshake, type Handshake, type LongTermKeys, REFUSE_V1, ServerHandshake, VERSION_2 } from './handshake.ts';
+import { ClientHandshake, type DirectionKeys, type Handshake, type LongTermKeys, REFUSE_V1, ServerHandshake, VERSION_2 } from './handshake.ts';
+import { readRekey, REKEY_AFTER_BYTES, REKEY_DONE, REKEY_INIT, REKEY_REPLY, rekeyDh, rekeyDirection, rekeyPayload } from './rekey.ts';
 
 // ---- Tuning constants (not part of the protocol) ----
 /** After a clean end, how long to wait for the peer's FIN before closing the transport anyway. */
@@ -71,6 +72,8 @@ export interface SessionOptions {
   trace?: (line: string) => void;
   /** `--step`: blocks until the user pressed Enter, before each handshake message; the handshake timeout waits too */
   step?: (what: string) => void;
+  /** client: rekey after this many ms (and after REKEY_AFTER_BYTES), when both sides offered it; 0 = never */
+  rekeyAfterMs?: number;
 }
 
 /** Options every session of a process shares: all but the role and the CONFIG. */
@@ -120,6 +123,19 @@ export class Session {
   private acked = false;
   /** with `acked`: we sent CLOSE and no ACK has confirmed it yet */
   private awaitingAck = false;
+  /** both CONFIGs said `"rekey": true` (version 2 only): the client may rekey (§7 REKEY, rekey.ts) */
+  private rekeying = false;
+  /** the current keys of each direction (the old ones feed the next rekey) */
+  private sendKeys?: DirectionKeys;
+  private recvKeys?: DirectionKeys;
+  /** client: the INIT's ephemeral secret until the REPLY; server: the DH until the DONE */
+  private rekeyEph: { secretKey: Uint8Array; publicKey: Uint8Array } | null = null;
+  private rekeyDhPending: Uint8Array | null = null;
+  private rekeyTimer?: ReturnType<typeof setInterval>;
+  private lastRekey = 0;
+  private bytesAtRekey = 0;
+  /** how many times this session's keys changed */
+  private rekeys = 0;
 
   constructor(
     readonly transport: Transport,
@@ -181,6 +197,10 @@ export class Session {
   /** the app may still send DATA (we have not sent CLOSE) */
   get sending(): boolean {
     return this.phaseNow === 'open' || this.phaseNow === 'peerClosed';
+  }
+  /** how many rekeys this session completed */
+  get rekeyCount(): number {
+    return this.rekeys;
   }
   /** whether this session's end is acknowledged (both sides offered `ack` in CONFIG) */
   get acknowledgedClose(): boolean {
@@ -334,6 +354,8 @@ export class Session {
 
   private established(): void {
     const keys = this.hs.keys!;
+    this.sendKeys = keys.send;
+    this.recvKeys = keys.recv;
     this.sender = new ChannelSender(this.o.engine, keys.send);
     this.receiver = new ChannelReceiver(this.o.engine, keys.recv);
     const t = this.o.trace;
@@ -345,7 +367,11 @@ export class Session {
     }
     this.authenticatedAt = Date.now();
     this.phaseNow = 'config';
-    if (this.o.role === 'client') this.sendConfig({ ...(this.o.config({}) as Json), ack: true }); // C3: CONFIG right behind message 3 (§8)
+    if (this.o.role === 'client') {
+      const offer: Json = { ...(this.o.config({}) as Json), ack: true };
+      if (this.version === VERSION_2) offer.rekey = true;
+      this.sendConfig(offer); // C3: CONFIG right behind message 3 (§8)
+    }
     const rest = this.hsBuf;
     this.hsBuf = new Uint8Array(0);
     if (rest.length > 0) this.feed(rest);
@@ -390,6 +416,9 @@ export class Session {
       case RECORD.ACK:
         this.onAck(payload);
         return;
+      case RECORD.REKEY:
+        this.onRekey(payload);
+        return;
       case RECORD.PING:
         // Under the same backpressure as data: answered at once only when nothing is queued, else one PONG is
         // owed until the queue drains — a peer that floods PINGs and never reads makes us hold nothing more.
@@ -402,6 +431,79 @@ export class Session {
         throw new VpnError('INTEGRITY', 'unexpected CONFIG record');
     }
   };
+
+  // ---- rekeying (§7 REKEY; the steps and the derivation are in rekey.ts) ----
+
+  /** client: time (or volume) for new keys? Only while both directions are open and no rekey is under way. */
+  private maybeRekey = (): void => {
+    if (this.phaseNow !== 'open' || this.rekeyEph) return;
+    const now = Date.now();
+    const bytes = this.counts.bytesIn + this.counts.bytesOut;
+    if (now - this.lastRekey < (this.o.rekeyAfterMs ?? 0) && bytes - this.bytesAtRekey < REKEY_AFTER_BYTES) return;
+    this.startRekey();
+  };
+
+  /** client: send INIT with a fresh ephemeral key. */
+  startRekey(): void {
+    if (!this.rekeying || this.o.role !== 'client' || this.phaseNow !== 'open' || this.rekeyEph) return;
+    this.rekeyEph = this.o.engine.x25519Keygen();
+    this.sendRecord(RECORD.REKEY, rekeyPayload(REKEY_INIT, this.rekeyEph.publicKey));
+  }
+
+  private onRekey(payload: Uint8Array): void {
+    const { step, pub } = readRekey(payload);
+    const client = this.o.role === 'client';
+    if (!this.rekeying) throw new VpnError('INTEGRITY', 'a REKEY record although rekeying was not agreed');
+    if (client && step === REKEY_REPLY && this.rekeyEph) {
+      // The REPLY was the last s2c frame under the old keys: switch receiving now, then send DONE and switch sending.
+      const dh = rekeyDh(this.o.engine, this.rekeyEph.secretKey, pub!);
+      this.rekeyEph = null;
+      this.switchRecv(rekeyDirection(dh, this.recvKeys!.mac, this.receiver!.chainValue, 's2c'), 's2c');
+      this.sendRecord(RECORD.REKEY, rekeyPayload(REKEY_DONE));
+      this.switchSend(rekeyDirection(dh, this.sendKeys!.mac, this.sender!.chainValue, 'c2s'), 'c2s');
+      dh.fill(0);
+      this.lastRekey = Date.now();
+      this.bytesAtRekey = this.counts.bytesIn + this.counts.bytesOut;
+      this.rekeys++;
+      return;
+    }
+    if (!client && step === REKEY_INIT && !this.rekeyDhPending) {
+      const eph = this.o.engine.x25519Keygen();
+      const dh = rekeyDh(this.o.engine, eph.secretKey, pub!);
+      this.sendRecord(RECORD.REKEY, rekeyPayload(REKEY_REPLY, eph.publicKey));
+      this.switchSend(rekeyDirection(dh, this.sendKeys!.mac, this.sender!.chainValue, 's2c'), 's2c');
+      this.rekeyDhPending = dh; // c2s switches at the client's DONE
+      return;
+    }
+    if (!client && step === REKEY_DONE && this.rekeyDhPending) {
+      const dh = this.rekeyDhPending;
+      this.rekeyDhPending = null;
+      this.switchRecv(rekeyDirection(dh, this.recvKeys!.mac, this.receiver!.chainValue, 'c2s'), 'c2s');
+      dh.fill(0);
+      this.rekeys++;
+      return;
+    }
+    throw new VpnError('INTEGRITY', 'a REKEY record out of order');
+  }
+
+  private switchSend(keys: DirectionKeys, dir: string): void {
+    this.sendKeys!.mac.fill(0);
+    this.sender!.rekey(keys);
+    this.sendKeys = keys;
+    this.traceRekey(dir, keys);
+  }
+
+  private switchRecv(keys: DirectionKeys, dir: string): void {
+    this.recvKeys!.mac.fill(0);
+    this.receiver!.rekey(keys);
+    this.recvKeys = keys;
+    this.traceRekey(dir, keys);
+  }
+
+  private traceRekey(dir: string, k: DirectionKeys): void {
+    const t = this.o.trace;
+    if (t) t(`rekey: new ${dir} keys enc=${bytesToHex(k.enc)} mac=${bytesToHex(k.mac)} chain0=${bytesToHex(k.chain0)}`);
+  }
 
   /** The peer's ACK (§7): it must confirm exactly what we sent, once, after our CLOSE. */
   private onAck(payload: Uint8Array): void {
@@ -435,7 +537,11 @@ export class Session {
         return;
       }
       this.acked = peer.ack === true;
-      this.sendConfig(this.acked ? { ...answer, ack: true } : answer);
+      this.rekeying = peer.rekey === true && this.version === VERSION_2;
+      const full: Json = { ...answer };
+      if (this.acked) full.ack = true;
+      if (this.rekeying) full.rekey = true;
+      this.sendConfig(full);
     } else {
       const refusal = readRefusal(payload, 'the server refused the session', peer);
       if (refusal) {
@@ -443,13 +549,21 @@ export class Session {
         return;
       }
       this.acked = peer.ack === true;
+      this.rekeying = peer.rekey === true && this.version === VERSION_2;
     }
+    this.o.trace?.(`rekeying: ${this.rekeying ? 'on' : 'off'}`);
     this.o.trace?.(`acknowledged close: ${this.acked ? 'on (both sides offered it)' : "off (the peer did not offer it): a clean end means all was sent, not that the peer verified it"}`);
     clearTimeout(this.hsTimer);
     this.phaseNow = 'open';
     this.openedAt = Date.now();
     this.lastRecv = Date.now();
     if (this.o.keepaliveMs > 0) this.kaTimer = setInterval(this.keepalive, Math.max(50, this.o.keepaliveMs / 4));
+    const every = this.o.rekeyAfterMs ?? 0;
+    if (this.rekeying && this.o.role === 'client' && every > 0) {
+      this.lastRekey = Date.now();
+      this.rekeyTimer = setInterval(this.maybeRekey, Math.max(50, Math.min(every / 4, 1000)));
+      this.rekeyTimer.unref?.();
+    }
     this.app.onOpen(this, peer);
   }
 
@@ -557,6 +671,9 @@ export class Session {
     this.endedBy = err;
     clearTimeout(this.hsTimer);
     clearInterval(this.kaTimer);
+    clearInterval(this.rekeyTimer);
+    this.rekeyEph?.secretKey.fill(0);
+    this.rekeyDhPending?.fill(0);
     this.hsBuf = new Uint8Array(0);
     if (how === 'abort') {
       this.transport.abort();

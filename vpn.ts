@@ -13,6 +13,7 @@ import { asVpnError, EXIT_OK, EXIT_USAGE, VpnError } from './errors.ts';
 import { forwardMode, localMode } from './forward.ts';
 import { keysFromKeyFile, keysFromPassphrase, KEYFILE_LEN, type LongTermKeys, VERSION_1, VERSION_2 } from './handshake.ts';
 import { log } from './log.ts';
+import { REKEY_AFTER_MS } from './rekey.ts';
 import { connectOne, serve, serveLocal } from './server.ts';
 import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
@@ -108,6 +109,8 @@ line chat; otherwise stdin goes to the peer and the peer's bytes to stdout — a
 --forward server too, where it is a pipe into the forwarded service (a chat is refused there).
 
   --no-pfs               speak protocol version 1 (the original handshake, no forward secrecy)
+  --rekey-after S        new traffic keys from a fresh X25519 exchange inside the session every S
+                         seconds (and every GiB); the server must support it; 0 = never (default 120)
   --local [HOST:]PORT    forward mode: listen on HOST:PORT (host default 127.0.0.1, or
                          unix:/path); each accepted connection gets its own tunnel session
   --max-conns N          with --local: open local connections at most (default 100)
@@ -170,12 +173,13 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   'tun-name': { kind: 'string' },
   mtu: { kind: 'string' },
   route: { kind: 'list' },
+  'rekey-after': { kind: 'string' },
 };
 
 const COMMON = ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
 const COMMAND_FLAGS: Record<string, string[]> = {
   serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers'],
-  connect: [...COMMON, 'no-pfs', 'local'],
+  connect: [...COMMON, 'no-pfs', 'local', 'rekey-after'],
   keygen: ['help'],
 };
 const COMMANDS = Object.keys(COMMAND_FLAGS);
@@ -266,6 +270,7 @@ const LIMITS = {
   graceS: { dflt: 10, min: 0, max: 86_400 },
   handshakeTimeoutS: { dflt: 5, min: 0, max: 3_600 },
   keepaliveS: { dflt: 25, min: 0, max: 86_400 },
+  rekeyAfterS: { dflt: REKEY_AFTER_MS / 1000, min: 0, max: 86_400 },
 } as const;
 
 const str = (f: Flags, name: string) => f[name] as string | undefined;
@@ -443,6 +448,9 @@ function sessionBase(f: Flags, role: 'client' | 'server'): () => Promise<Session
   const handshakeTimeoutMs = seconds('handshake-timeout', str(f, 'handshake-timeout'), h.dflt, h.min, h.max, false);
   const k = LIMITS.keepaliveS;
   const keepaliveMs = seconds('keepalive', str(f, 'keepalive'), k.dflt, k.min, k.max);
+  const r = LIMITS.rekeyAfterS;
+  const rekeyAfterMs = seconds('rekey-after', str(f, 'rekey-after'), r.dflt, r.min, r.max);
+  if (f['rekey-after'] !== undefined && f['no-pfs']) throw new VpnError('USAGE', '--rekey-after needs forward secrecy (protocol version 2): drop --no-pfs');
   log.quiet = f.quiet === true;
   return async () => {
     const keys = await loadKeys(f);
@@ -459,6 +467,7 @@ function sessionBase(f: Flags, role: 'client' | 'server'): () => Promise<Session
       requirePfs: f['require-pfs'] === true,
       handshakeTimeoutMs,
       keepaliveMs,
+      rekeyAfterMs,
       trace,
       step,
     };

@@ -323,7 +323,7 @@ describe('end of stream and record types (§7)', () => {
     expect(() => rx.end()).not.toThrow();
   });
 
-  test.each([['06', 0x06], ['7f', 0x7f], ['ff', 0xff]] as const)('a verified frame of unknown record type 0x%s is rejected and not delivered', (_hex, type) => {
+  test.each([['07', 0x07], ['7f', 0x7f], ['ff', 0xff]] as const)('a verified frame of unknown record type 0x%s is rejected and not delivered', (_hex, type) => {
     const { tx, rx } = link();
     const { got, err } = feed(rx, [tx.seal(type as RecordType, utf8('?'))]);
     expectCode(err, 'INTEGRITY');

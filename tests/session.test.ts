@@ -30,6 +30,8 @@ class FakeLink implements Transport {
   dead = false;
   /** a man in the middle that forges a FIN after this many bytes: later writes are dropped */
   cutAfter = Infinity;
+  /** a man in the middle that may rewrite each write */
+  tamper?: (data: Uint8Array) => Uint8Array;
   private written = 0;
   readonly log: string[] = [];
   pauses = 0;
@@ -48,7 +50,7 @@ class FakeLink implements Transport {
     }
     this.written += data.length;
     this.queued += data.length;
-    this.peerLink.deliver({ kind: 'data', chunk: data.slice(), from: this });
+    this.peerLink.deliver({ kind: 'data', chunk: this.tamper ? this.tamper(data.slice()) : data.slice(), from: this });
     return this.queued < FAKE_HIGH_WATER;
   }
   pause(): void {
@@ -171,8 +173,8 @@ describe('opening (§3, §8)', () => {
   test('the handshake and both CONFIG records open the session on both sides, each with the other\'s CONFIG', async () => {
     const r = rig({ server: { config: (peer) => ({ mode: 'answer', saw: peer.mode }) }, client: { config: () => ({ mode: 'asked' }) } });
     expect(await opened(r)).toBe(true);
-    expect(r.capp.opened).toEqual({ mode: 'answer', saw: 'asked', ack: true });
-    expect(r.sapp.opened).toEqual({ mode: 'asked', ack: true });
+    expect(r.capp.opened).toEqual({ mode: 'answer', saw: 'asked', ack: true, rekey: true });
+    expect(r.sapp.opened).toEqual({ mode: 'asked', ack: true, rekey: true });
     expect(r.client.acknowledgedClose && r.server.acknowledgedClose).toBe(true);
     expect([r.client.version, r.server.version]).toEqual([2, 2]);
     expect(r.client.authenticated && r.server.authenticated).toBe(true);
@@ -441,6 +443,61 @@ describe('acknowledged close (§7 ACK)', () => {
     const ce = await r.capp.done.promise;
     expect(ce?.code).toBe('TRUNCATED');
     expect(ce?.message).toMatch(/the peer did not confirm receipt: \d+ bytes unconfirmed/);
+  });
+});
+
+describe('rekeying inside the session (§7 REKEY)', () => {
+  test('rekeys every 30 ms during a full-duplex transfer: nothing lost or reordered either way, and the keys really change', async () => {
+    const traces: string[] = [];
+    const r = rig({ client: { rekeyAfterMs: 30, trace: (l) => traces.push(l) } });
+    await opened(r);
+    const up = random(6 << 20);
+    const down = random(5 << 20);
+    const pump = async (s: Session, data: Uint8Array) => {
+      for (let off = 0; off < data.length; off += 64 * 1024) {
+        s.write(data.subarray(off, off + 64 * 1024));
+        await Bun.sleep(1);
+      }
+      s.close();
+    };
+    await Promise.all([pump(r.client, up), pump(r.server, down)]);
+    expect(await r.capp.done.promise).toBeNull();
+    expect(await r.sapp.done.promise).toBeNull();
+    expect(Buffer.compare(r.sapp.bytes, up)).toBe(0);
+    expect(Buffer.compare(r.capp.bytes, down)).toBe(0);
+    expect(r.client.rekeyCount).toBeGreaterThanOrEqual(3);
+    expect(r.server.rekeyCount).toBe(r.client.rekeyCount);
+    const c2s = traces.filter((l) => l.startsWith('rekey: new c2s keys')).map((l) => l.split('enc=')[1]);
+    expect(new Set(c2s).size).toBe(c2s.length); // every rekey gave new keys
+    expect(traces).toContain('rekeying: on');
+  });
+
+  test('a flipped bit in a REKEY record ends the session as INTEGRITY on the side that receives it', async () => {
+    const r = rig({ client: { rekeyAfterMs: 20 } });
+    await opened(r);
+    let flipped = false;
+    r.cl.tamper = (d) => {
+      // The client is idle, so its first write after opening is the INIT frame: 4 + 16 + 48 + 32 = 100 bytes.
+      if (!flipped && d.length === 100) {
+        flipped = true;
+        d[30]! ^= 0x01;
+      }
+      return d;
+    };
+    const se = await r.sapp.done.promise;
+    expect(flipped).toBe(true);
+    expect(se?.code).toBe('INTEGRITY');
+    expect(se?.exitStatus).toBe(4);
+  });
+
+  test('a peer that did not offer rekeying never gets a REKEY, and a REKEY it did not agree to is INTEGRITY', async () => {
+    const r = rig({ client: { rekeyAfterMs: 20, version: 1 } }); // version 1: no X25519, so no rekeying
+    await opened(r);
+    await Bun.sleep(100);
+    expect(r.client.rekeyCount).toBe(0);
+    (r.client as unknown as { rekeying: boolean }).rekeying = true; // force one anyway
+    r.client.startRekey();
+    expect((await r.sapp.done.promise)?.message).toMatch(/REKEY record although rekeying was not agreed/);
   });
 });
 

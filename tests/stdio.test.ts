@@ -430,3 +430,23 @@ describe('acknowledged close: a sender exits 0 only when the peer confirmed ever
     expect(cli.stderr).toContain('acknowledged close: on (both sides offered it)');
   });
 });
+
+describe('rekeying inside a session', () => {
+  test('a rekey every second during a 256 MiB full-duplex transfer: byte-exact both ways, and the -v trace shows the key changes', async () => {
+    using dir = tempDir();
+    const key = await keygen(dir.path);
+    const up = random(256 << 20);
+    const down = random(256 << 20);
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key, '--engine', 'native'], { stdin: 'pipe' });
+    const port = await srv.listeningPort();
+    using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', key, '--engine', 'native', '--rekey-after', '1', '-v'], { stdin: 'pipe' });
+    await Promise.all([feedStdin(srv, down), feedStdin(cli, up)]);
+    const [srvOut, cliOut, srvCode, cliCode] = await Promise.all([srv.stdoutBytes, cli.stdoutBytes, srv.exit(), cli.exit()]);
+    expect([cliCode, srvCode]).toEqual([0, 0]);
+    expect(sha256(srvOut)).toBe(sha256(up));
+    expect(sha256(cliOut)).toBe(sha256(down));
+    expect(cli.stderr).toContain('rekeying: on');
+    const changes = cli.stderr.match(/^\[client\] rekey: new (c2s|s2c) keys/gm) ?? [];
+    expect(changes.length).toBeGreaterThanOrEqual(2); // at least one rekey: both directions changed
+  }, 90_000);
+});
