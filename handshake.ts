@@ -290,7 +290,8 @@ export class ServerHandshake implements Handshake {
   private m1: Uint8Array | null = null;
   private m2: Uint8Array | null = null;
   private rb: Uint8Array | null = null;
-  private dh: Uint8Array | null = null;
+  /** e_S and E_S (version 2) from S1 until S3 computes DH, then wiped */
+  private eph: KeyPair | null = null;
   version = 0;
   keys: TrafficKeys | null = null;
 
@@ -328,17 +329,14 @@ export class ServerHandshake implements Handshake {
     const rnd = this.o.random ?? randomBytes;
     const rb = rnd(NONCE_LEN);
     const body = [rb];
-    let dh: Uint8Array | null = null;
+    let eph: KeyPair | null = null;
     if (version === VERSION_2) {
+      // S1.4 without the scalar multiplication: a low-order E_C is refused by its encoding (the same set of keys
+      // whose DH is all zero), and DH itself waits for S3, after m3 verified — mac2 does not cover it, so a
+      // stranger's message 1 costs one key pair (often a prepared one) and one HMAC (PROTOCOL.md §11, 16).
+      if (isLowOrder(m1.subarray(MSG1_V1_LEN, MSG1_V2_LEN))) throw new VpnError('AUTH_FAILED', 'the client sent an invalid ephemeral key');
       const e = this.o.engine;
-      const eph = this.o.random ? (() => { const s = rnd(KEY_LEN); return { secretKey: s, publicKey: e.x25519Public(s) }; })() : e.x25519Keygen();
-      try {
-        dh = e.x25519(eph.secretKey, m1.subarray(MSG1_V1_LEN, MSG1_V2_LEN));
-      } catch {
-        throw new VpnError('AUTH_FAILED', 'the client sent an invalid ephemeral key');
-      } finally {
-        eph.secretKey.fill(0);
-      }
+      eph = this.o.random ? (() => { const s = rnd(KEY_LEN); return { secretKey: s, publicKey: e.x25519Public(s) }; })() : takeKeyPair(e);
       body.push(eph.publicKey);
     }
     const bodyBytes = concatBytes(...body);
@@ -347,14 +345,14 @@ export class ServerHandshake implements Handshake {
     if (this.o.trace) {
       this.o.trace('message 1', m1);
       this.o.trace('S1 R_B', rb);
-      if (dh) this.o.trace('S1 X25519 shared secret (secret)', dh);
+      if (eph) this.o.trace('S1 E_S (ephemeral public)', eph.publicKey);
       this.o.trace('message 2', m2);
     }
     this.version = version;
     this.m1 = m1.slice();
     this.m2 = m2;
     this.rb = rb;
-    this.dh = dh;
+    this.eph = eph;
     this.state = 'awaiting message 3';
     return m2;
   }
@@ -372,21 +370,97 @@ export class ServerHandshake implements Handshake {
     const expect = this.o.engine.mac(this.lt.auth)(m1, m2, LABEL_CLNT);
     this.o.trace?.('message 3', m3);
     if (!equalBytes(expect, m3)) {
-      this.dh?.fill(0);
+      this.wipeEphemeral();
       throw new VpnError('AUTH_FAILED', 'message 3 failed verification (wrong secret, or a replayed or altered handshake)');
+    }
+    let dh: Uint8Array | null = null;
+    if (this.eph) {
+      try {
+        dh = this.o.engine.x25519(this.eph.secretKey, m1.subarray(MSG1_V1_LEN, MSG1_V2_LEN));
+      } catch {
+        throw new VpnError('AUTH_FAILED', 'the client sent an invalid ephemeral key'); // isLowOrder let none through
+      } finally {
+        this.wipeEphemeral();
+      }
+      this.o.trace?.('S3 X25519 shared secret (secret)', dh);
     }
     const iv = m1.subarray(VERSION_LEN, VERSION_LEN + IV_LEN);
     const wrapped = m1.subarray(VERSION_LEN + IV_LEN, VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN);
     const ra = m1.subarray(VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN, MSG1_V1_LEN);
     const sk = this.o.engine.decryptCbc(this.lt.wrap, iv, wrapped, false);
     this.o.trace?.('S3 session key (secret)', sk);
-    const ikm = this.dh ? concatBytes(sk, this.dh) : sk;
+    const ikm = dh ? concatBytes(sk, dh) : sk;
     this.keys = deriveTraffic(this.version, ikm, ra, this.rb!, m1, m2, m3, 'server', this.o.trace);
     ikm.fill(0);
     sk.fill(0);
-    this.dh?.fill(0);
-    this.dh = null;
+    dh?.fill(0);
     this.state = 'established';
     return this.keys;
   }
+
+  /** e_S is used once: wiped after S3's DH, or when m3 failed. */
+  private wipeEphemeral(): void {
+    this.eph?.secretKey.fill(0);
+    this.eph = null;
+  }
+}
+
+// ---- Server pre-auth cost (tuning, not part of the protocol) ----
+
+type KeyPair = { secretKey: Uint8Array; publicKey: Uint8Array };
+
+/**
+ * X25519 public keys whose shared secret with any clamped scalar is all zero: the points of order 1, 2, 4 and 8 and
+ * their encodings up to 2^255 (the top bit is ignored, RFC 7748 §5). Refusing these at S1 is the same check as
+ * S1.4's all-zero DH (tests/handshake.test.ts runs every one of them through both engines' X25519), done by
+ * comparison instead of a scalar multiplication.
+ */
+const LOW_ORDER = [
+  '0000000000000000000000000000000000000000000000000000000000000000', // 0
+  '0100000000000000000000000000000000000000000000000000000000000000', // 1
+  'e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800', // order 8
+  '5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157', // order 8
+  'ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f', // p - 1 (order 2)
+  'edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f', // p (= 0)
+  'eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f', // p + 1 (= 1)
+].map((h) => Uint8Array.from(h.match(/../g)!, (b) => parseInt(b, 16)));
+
+/** Whether the X25519 public key `pub` (32 bytes, public data) is one of LOW_ORDER, ignoring its top bit. */
+export function isLowOrder(pub: Uint8Array): boolean {
+  return LOW_ORDER.some((lo) => {
+    for (let i = 0; i < PUB_LEN - 1; i++) if (pub[i] !== lo[i]) return false;
+    return (pub[PUB_LEN - 1]! & 0x7f) === lo[PUB_LEN - 1];
+  });
+}
+
+/**
+ * Ephemeral key pairs prepared while the server is idle, so that a burst of message 1s does not wait for key
+ * generation. Each pair is handed out once and never returned (S3 or a failed m3 wipes it); an unused one lives in
+ * this process's memory only, as a fresh pair would between S1 and S3. Refilled one pair per event-loop turn, and
+ * only once no message 1 has come for POOL_IDLE_MS: under a steady flood the pool stays empty and each message 1
+ * generates its own pair, so preparing keys never adds work of its own.
+ */
+const POOL_SIZE = 8;
+const POOL_IDLE_MS = 50;
+const pools = new Map<Engine, KeyPair[]>();
+let refillTimer: ReturnType<typeof setTimeout> | null = null;
+
+function takeKeyPair(e: Engine): KeyPair {
+  let pool = pools.get(e);
+  if (!pool) pools.set(e, (pool = []));
+  const pair = pool.pop() ?? e.x25519Keygen();
+  if (refillTimer) clearTimeout(refillTimer);
+  refillTimer = setTimeout(() => {
+    refillTimer = null;
+    refill(e);
+  }, POOL_IDLE_MS);
+  refillTimer.unref?.();
+  return pair;
+}
+
+function refill(e: Engine): void {
+  const pool = pools.get(e)!;
+  if (pool.length >= POOL_SIZE || refillTimer) return; // full, or a message 1 came meanwhile (it re-arms the timer)
+  pool.push(e.x25519Keygen());
+  setImmediate(() => refill(e)).unref?.();
 }

@@ -4,7 +4,7 @@
  *
  *   bun run bench                   512 MiB per throughput figure (BENCH_MIB or --mib N to change)
  *   bun run bench --quick           64 MiB and shorter timed loops
- *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers
+ *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers dos
  *   bun run bench --repeat 3        each throughput and ceiling figure is the best of 3 runs (BENCH_REPEAT)
  *   bun run bench --settle 30       before each timed figure wait up to 30 s for idle CPUs (BENCH_SETTLE)
  *
@@ -21,6 +21,10 @@
  *   6. memory     RSS growth per idle session with 1000 sessions open; RSS while the sink never reads.
  *   7. latency    median round trip of a 1-byte ping-pong through the tunnel vs direct.
  *   8. workers    aggregate throughput of several tunnels into `serve --workers N`, N = 1 and 2.
+ *   9. dos        server CPU per bogus message 1 (random bytes after a valid version byte, from many 127.x source
+ *                 addresses, so that no per-address limit applies), noble and native; then a good client's handshake
+ *                 (open → 1-byte echo → close through the pair) and an open session's added round trip, unloaded
+ *                 and under one attacker process flooding bogus message 1s from one address as fast as it can.
  *
  * Absolute figures move with the machine's load; the ratios (ours/spiped, ours/ceiling) are measured in the same run.
  * Every loop is bounded by a count and a deadline; every child is killed on the way out; everything binds 127.0.0.1.
@@ -39,9 +43,75 @@ import { MAC_LEN } from '../engine.ts';
 import { IV_LEN, KEY_LEN } from '../handshake.ts';
 import { keygen, Proc, random, ROOT, rssKiB, tempDir, until, VPN } from './helpers.ts';
 
+// ---- the attacker of section 9, run as its own process: BENCH_FLOOD=port,ms,parallel,addresses ----
+
+if (process.env.BENCH_FLOOD) {
+  const [port, ms, parallel, addresses] = process.env.BENCH_FLOOD.split(',').map(Number) as [number, number, number, number];
+  const stats = await bogusFlood(port, ms, parallel, addresses);
+  process.stdout.write(JSON.stringify(stats) + '\n');
+  process.exit(0);
+}
+
+/**
+ * `parallel` loops, each: connect (from 127.1.x.y, cycling over `addresses` source addresses; 1 = 127.0.0.2 only),
+ * send a bogus version-2 message 1 (113 bytes: 0x02 and random bytes), wait for the 96-byte message 2 or the close
+ * (at most 2 s), reset. Counts messages sent, answered with a message 2, and refused without one.
+ */
+async function bogusFlood(port: number, ms: number, parallel: number, addresses: number) {
+  const m1 = new Uint8Array(113);
+  crypto.getRandomValues(m1);
+  m1[0] = 0x02;
+  let sent = 0;
+  let answered = 0;
+  let refused = 0;
+  let n = 0;
+  const deadline = performance.now() + ms;
+  const one = (from: string) =>
+    new Promise<void>((resolve) => {
+      let got = 0;
+      let done = false;
+      const finish = (s?: Socket<unknown>) => {
+        if (done) return;
+        done = true;
+        clearTimeout(t);
+        if (got >= 96) answered++;
+        else refused++;
+        s?.terminate();
+        resolve();
+      };
+      const t = setTimeout(() => finish(), 2000);
+      Bun.connect({
+        hostname: '127.0.0.1',
+        port,
+        localAddress: from,
+        socket: {
+          open(s: Socket<unknown>) {
+            sent++;
+            s.write(m1);
+          },
+          data(s: Socket<unknown>, d: Uint8Array) {
+            got += d.length;
+            if (got >= 96) finish(s);
+          },
+          close: () => finish(),
+          error: () => finish(),
+        },
+      } as never).catch(() => finish());
+    });
+  const loop = async (i: number) => {
+    for (let k = 0; k < 1_000_000 && performance.now() < deadline; k++) {
+      const a = addresses <= 1 ? 0 : (n++ % addresses) + i;
+      await one(addresses <= 1 ? '127.0.0.2' : `127.1.${(a >> 8) & 255}.${(a & 255) || 1}`);
+    }
+  };
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: parallel }, (_, i) => loop(i)));
+  return { sent, answered, refused, secs: (performance.now() - t0) / 1000 };
+}
+
 // ---- command line ----
 
-const SECTIONS = ['ceiling', 'tunnel', 'spiped', 'raw', 'handshake', 'memory', 'latency', 'workers'] as const;
+const SECTIONS = ['ceiling', 'tunnel', 'spiped', 'raw', 'handshake', 'memory', 'latency', 'workers', 'dos'] as const;
 type Section = (typeof SECTIONS)[number];
 
 const { values: argv } = parseArgs({
@@ -317,6 +387,8 @@ type EngineName = 'noble' | 'native';
 interface Pair {
   entry: number;
   pids: number[];
+  /** the server's own port (vpn pairs) */
+  sport?: number;
   stop(): Promise<void>;
 }
 
@@ -329,6 +401,7 @@ async function vpnPair(target: number, engine: EngineName, opts: { serverArgs?: 
   return {
     entry,
     pids: [client.pid, server.pid],
+    sport,
     stop: async () => {
       await Promise.all([stop(client), stop(server)]);
     },
@@ -813,6 +886,87 @@ async function latency(): Promise<void> {
   }
 }
 
+// ---- 9. dos ----
+
+type FloodStats = { sent: number; answered: number; refused: number; secs: number };
+
+/** Run the attacker (this file, BENCH_FLOOD) against `port` for `ms`; resolves with its counts. */
+function flood(port: number, ms: number, parallel: number, addresses: number): { done: Promise<FloodStats>; proc: Proc } {
+  const p = new Proc(['bun', import.meta.path], { env: { BENCH_FLOOD: `${port},${ms},${parallel},${addresses}` } });
+  children.add(p);
+  const done = (async () => {
+    await p.exit(ms + 15000);
+    children.delete(p);
+    return JSON.parse(new TextDecoder().decode(await p.stdoutBytes)) as FloodStats;
+  })();
+  return { done, proc: p };
+}
+
+/** Median ms of `n` good handshakes (echoOnce through the pair), one after the other, within `ms`. */
+async function handshakeTimes(entry: number, n: number, ms: number): Promise<number> {
+  const times: number[] = [];
+  const deadline = performance.now() + ms;
+  for (let i = 0; i < n && performance.now() < deadline; i++) {
+    const t0 = performance.now();
+    await withTimeout(echoOnce(entry), 10000, 'good handshake');
+    times.push(performance.now() - t0);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)]!;
+}
+
+async function dos(): Promise<void> {
+  const target = new Target('echo');
+  try {
+    const direct = await pingPong(target.port, QUICK ? 200 : 1000);
+    for (const engine of ['noble', 'native'] as const) {
+      const pair = await vpnPair(target.port, engine);
+      try {
+        await echoOnce(pair.entry); // warm-up, and this client's address has authenticated
+        const spid = pair.pids[1]!;
+        // Server CPU per bogus message 1: many source addresses, so every message is answered (no per-address limit).
+        await flood(pair.sport!, 500, 8, 2000).done; // warm-up: the JIT compiles the server's message 1 path
+        await settle();
+        const cpu0 = cpuMs(spid);
+        const wide = flood(pair.sport!, TIMED_MS, 8, 2000);
+        const w = await wide.done;
+        const perMsg = (cpuMs(spid) - cpu0) / Math.max(1, w.answered);
+        record('dos', `${engine}: server CPU per bogus message 1`, perMsg, 'ms', `${w.answered} answered, ${w.refused} refused of ${w.sent} from 2000 addresses in ${w.secs.toFixed(1)} s`);
+        extra[`dos ${engine} wide flood`] = w;
+        // A good client, unloaded and under a one-address flood at the rate the attacker can send.
+        await until(async () => (await fetchIdle(spid)) < 5, 5000);
+        const n = QUICK ? 20 : 50;
+        const hs0 = await handshakeTimes(pair.entry, n, 20000);
+        const lat0 = await pingPong(pair.entry, QUICK ? 200 : 1000);
+        const one = flood(pair.sport!, QUICK ? 6000 : 12000, 16, 1);
+        await Bun.sleep(1000); // the flood is under way
+        const cpuF0 = cpuMs(spid);
+        const tF0 = performance.now();
+        const hs1 = await handshakeTimes(pair.entry, n, QUICK ? 2500 : 5000);
+        const lat1 = await pingPong(pair.entry, QUICK ? 200 : 1000);
+        const serverPct = ((cpuMs(spid) - cpuF0) / (performance.now() - tF0)) * 100;
+        const f = await one.done;
+        record('dos', `${engine}: good handshake, unloaded`, hs0, 'ms', `median of ${n}`);
+        record('dos', `${engine}: good handshake, under a one-attacker flood`, hs1, 'ms', `${(hs1 / hs0).toFixed(2)}× unloaded; attacker sent ${(f.sent / f.secs).toFixed(0)} message 1s/s, ${(f.answered / f.secs).toFixed(0)}/s answered; server CPU ${serverPct.toFixed(0)}%`);
+        record('dos', `${engine}: session added round trip, unloaded`, lat0.median - direct.median, 'µs', `round trip ${lat0.median.toFixed(0)} µs`);
+        record('dos', `${engine}: session added round trip, under the flood`, lat1.median - direct.median, 'µs', `round trip ${lat1.median.toFixed(0)} µs; ${((lat1.median - direct.median) / Math.max(1, lat0.median - direct.median)).toFixed(2)}× unloaded`);
+        extra[`dos ${engine} one-attacker flood`] = f;
+      } finally {
+        await pair.stop();
+      }
+    }
+  } finally {
+    target.stop();
+  }
+}
+
+/** CPU % of `pid` over 250 ms. */
+async function fetchIdle(pid: number): Promise<number> {
+  const c0 = cpuMs(pid);
+  await Bun.sleep(250);
+  return ((cpuMs(pid) - c0) / 250) * 100;
+}
+
 // ---- 8. workers ----
 
 /** Child processes of `pid` (the workers of a supervisor), from /proc. */
@@ -970,6 +1124,7 @@ try {
   if (run('memory')) await memory();
   if (run('latency')) await latency();
   if (run('workers')) await workers(bytes);
+  if (run('dos')) await dos();
 } finally {
   cleanup();
 }
