@@ -11,8 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Proc as BaseProc, until, VPN } from './helpers.ts';
 import { execIn, inNetns, must, Namespaces, netnsUnavailable, sh } from './netns.ts';
-import { formatIPv4, parseCidr, parseRoute } from '../address.ts';
-import { AddressPool, DEFAULT_MTU, MAX_PEER_QUEUE, RECORD_OVERHEAD_MAX, TunRouter } from '../tun.ts';
+import { formatIPv4, formatIPv6, parseAnyRoute, parseCidr, parseCidr6, parseIPv6, parsePrefix, parseRoute } from '../address.ts';
+import { AddressPool, AddressPool6, answerTunClient, DEFAULT_MTU, InboundFilter, MAX_PEER_QUEUE, readTunAnswer, RECORD_OVERHEAD_MAX, TunRouter } from '../tun.ts';
 import { packetLength, splitPackets } from '../tundevice.ts';
 import { VpnError } from '../errors.ts';
 import { log } from '../log.ts';
@@ -176,6 +176,272 @@ describe('packets and flags', () => {
   });
 });
 
+// ---- IPv6: syntax, pool, router, the client's filter, the CONFIG exchange ----
+
+/** A minimal IPv6 header (RFC 8200 §3) and `extra` payload bytes from `src` to `dst` (next header UDP). */
+function ipv6(src: string, dst: string, extra = 8): Uint8Array {
+  const p = new Uint8Array(40 + extra);
+  const v = new DataView(p.buffer);
+  p[0] = 0x60;
+  v.setUint16(4, extra);
+  p[6] = 17;
+  p[7] = 64;
+  for (const [off, text] of [[8, src], [24, dst]] as const) {
+    const n = parseIPv6(text)!;
+    v.setBigUint64(off, n >> 64n);
+    v.setBigUint64(off + 8, n & 0xffffffffffffffffn);
+  }
+  return p;
+}
+const ip6 = (t: string) => parseIPv6(t)!;
+const pool6 = (t: string) => new AddressPool6(parseCidr6(t, 't'));
+
+describe('IPv6 syntax', () => {
+  test('reads RFC 4291 text and writes RFC 5952 text (vectors from RFC 5952 §4 and RFC 4291 §2.2)', () => {
+    const vectors: [string, string][] = [
+      ['2001:0db8:0000:0000:0000:0000:0000:0001', '2001:db8::1'], // §4.1 leading zeros, §4.2.1 the longest run
+      ['2001:db8:0:0:1:0:0:1', '2001:db8::1:0:0:1'], // §4.2.3: the first of two equal runs
+      ['2001:db8:0:1:1:1:1:1', '2001:db8:0:1:1:1:1:1'], // §4.2.2: one zero group is not shortened
+      ['2001:DB8::AAAA', '2001:db8::aaaa'], // §4.3 lower case
+      ['::', '::'],
+      ['::1', '::1'],
+      ['fd00:66::', 'fd00:66::'],
+      ['1:2:3:4:5:6:7::', '1:2:3:4:5:6:7:0'],
+      ['::ffff:10.66.0.1', '::ffff:a42:1'], // an embedded dotted quad (RFC 4291 §2.2 form 3)
+    ];
+    for (const [text, canonical] of vectors) expect(formatIPv6(ip6(text))).toBe(canonical);
+    for (const bad of ['', ':', ':::', '1::2::3', '1:2:3:4:5:6:7:8:9', '12345::', 'g::1', '::1.2.3', ':1::', '1:2:3:4:5:6:7', 'fe80::1%eth0', '[::1]', '::1/64']) {
+      expect(parseIPv6(bad)).toBeNull();
+    }
+  });
+
+  test('parses IPv6 prefixes and routes next to IPv4 ones, naming what is wrong', () => {
+    expect(parsePrefix('fd00:66::1/64', '--tun')).toEqual({ v6: true, addr: ip6('fd00:66::1'), prefix: 64 });
+    expect(parsePrefix('10.66.0.1/24', '--tun')).toEqual({ addr: ip('10.66.0.1'), prefix: 24 });
+    expect(parsePrefix('fd00:66::7', '--tun', -1)).toEqual({ v6: true, addr: ip6('fd00:66::7'), prefix: -1 });
+    for (const bad of ['fd00:66::1/129', 'fd00:66::1', 'fd00::66::1/64', 'fd00:66::1/64/1', '10.66.0.1']) {
+      expect(() => parsePrefix(bad, '--tun')).toThrow(/--tun: expected an IPv4 address and prefix such as 10\.66\.0\.1\/24, or an IPv6 one such as fd00:66::1\/64/);
+    }
+    expect(parseAnyRoute('2001:db8::/48')).toEqual({ v6: true, addr: ip6('2001:db8::'), prefix: 48 });
+    expect(() => parseAnyRoute('2001:db8::1/48')).toThrow(/did you mean 2001:db8::\/48/);
+    expect(parseAnyRoute('10.77.0.0/24')).toEqual({ addr: ip('10.77.0.0'), prefix: 24 });
+  });
+});
+
+describe('the IPv6 address pool', () => {
+  test('gives the address with the IPv4 host number when free, else the lowest free one, skipping the server', () => {
+    const pool = pool6('fd00:66::1/64');
+    expect(formatIPv6(pool.take(null, 7n) as bigint)).toBe('fd00:66::7');
+    expect(formatIPv6(pool.take(null, 7n) as bigint)).toBe('fd00:66::2'); // 7 is taken now
+    expect(formatIPv6(pool.take(null, 1n) as bigint)).toBe('fd00:66::3'); // 1 is the server's
+    expect(formatIPv6(pool.take(null) as bigint)).toBe('fd00:66::4');
+    pool.release(ip6('fd00:66::2'));
+    expect(formatIPv6(pool.take(null) as bigint)).toBe('fd00:66::2');
+  });
+
+  test('gives a requested address once, and refuses it while in use, outside the subnet, with another prefix, or the subnet\'s first address', () => {
+    const pool = pool6('fd00:66::1/64');
+    expect(formatIPv6(pool.take(parseCidr6('fd00:66::abcd', 't', -1)) as bigint)).toBe('fd00:66::abcd');
+    const refusals: [string, RegExp][] = [
+      ['fd00:66::abcd/64', /address fd00:66::abcd is in use/],
+      ['fd00:66::1/64', /server's own address/],
+      ['fd00:66::/64', /not a host address/],
+      ['fd00:67::5/64', /not a host address/],
+      ['fd00:66::9/48', /IPv6 subnet is fd00:66::\/64/],
+    ];
+    for (const [req, re] of refusals) {
+      const r = pool.take(parseCidr6(req, 't'));
+      expect(r).toBeInstanceOf(VpnError);
+      expect((r as VpnError).message).toMatch(re);
+    }
+  });
+
+  test('says so when the subnet is full, and refuses a server address that leaves no room', () => {
+    const pool = pool6('fd00:66::1/126');
+    expect([pool.take(null), pool.take(null)].map((a) => formatIPv6(a as bigint))).toEqual(['fd00:66::2', 'fd00:66::3']);
+    expect((pool.take(null, 3n) as VpnError).message).toMatch(/no free address left in the tunnel subnet fd00:66::\/126/);
+    expect(() => pool6('fd00:66::1/127')).toThrow(/between \/1 and \/126/);
+    expect(() => pool6('fd00:66::/64')).toThrow(/Subnet-Router anycast/);
+  });
+});
+
+describe('the router, IPv6 and dual-stack', () => {
+  let wasQuiet = false;
+  beforeAll(() => {
+    wasQuiet = log.quiet;
+    log.quiet = true;
+  });
+  afterAll(() => void (log.quiet = wasQuiet));
+
+  function setup() {
+    const pools = { v4: new AddressPool(parseCidr('10.66.0.1/24', 't')), v6: pool6('fd00:66::1/64') };
+    const toKernel: Uint8Array[] = [];
+    const router = new TunRouter(pools, { write: (p) => (toKernel.push(p.slice()), true) });
+    const peer = () => {
+      const got: Uint8Array[] = [];
+      return { got, queued: 0, writeRecord: (p: Uint8Array) => (got.push(p.slice()), true) };
+    };
+    const a = peer();
+    const b = peer();
+    const A = { v4: ip('10.66.0.2'), v6: ip6('fd00:66::2') };
+    const B = { v4: ip('10.66.0.3'), v6: ip6('fd00:66::3') };
+    for (const [addrs, p] of [[A, a], [B, b]] as const) {
+      router.attach(addrs.v4, p);
+      router.attach(addrs.v6, p);
+    }
+    return { router, toKernel, a, b, A, B };
+  }
+
+  test('carries IPv6 from one client to another, and to the kernel for the server or beyond the subnet; IPv4 still works beside it', () => {
+    const { router, toKernel, a, b, A } = setup();
+    router.fromClient(A, ipv6('fd00:66::2', 'fd00:66::3'));
+    router.fromClient(A, ipv4('10.66.0.2', '10.66.0.3'));
+    expect(b.got).toHaveLength(2);
+    router.fromClient(A, ipv6('fd00:66::2', 'fd00:66::1'));
+    router.fromClient(A, ipv6('fd00:66::2', '2001:db8:77::1'));
+    expect(toKernel).toHaveLength(2);
+    router.fromInterface(ipv6('fd00:66::1', 'fd00:66::2'));
+    expect(a.got).toHaveLength(1);
+    expect(router.stats).toMatchObject({ unknown: 0, spoofed: 0, malformed: 0, otherFamily: 0 });
+  });
+
+  test('drops an IPv6 packet whose source is not the sending client\'s IPv6 address', () => {
+    const { router, toKernel, b, A } = setup();
+    router.fromClient(A, ipv6('fd00:66::3', 'fd00:66::1')); // another client's
+    router.fromClient(A, ipv6('fd00:66::99', 'fd00:66::3'));
+    router.fromClient(A, ipv6('2001:db8::1', '2001:db8:77::1'));
+    router.fromClient(A, ipv6('fe80::2', 'fd00:66::1'));
+    router.fromClient({ v4: A.v4, v6: null }, ipv6('fd00:66::2', 'fd00:66::1')); // a client that has no IPv6 address
+    expect(router.stats.spoofed).toBe(4);
+    expect(router.stats.otherFamily).toBe(1);
+    expect(b.got).toHaveLength(0);
+    expect(toKernel).toHaveLength(0);
+  });
+
+  test('drops and counts IPv6 for unknown addresses of the subnet, multicast and link-local destinations, and a wrong length', () => {
+    const { router, toKernel, A } = setup();
+    for (const dst of ['fd00:66::99', 'ff02::1', 'ff02::16', 'ff05::2', 'fe80::1']) router.fromClient(A, ipv6('fd00:66::2', dst));
+    router.fromInterface(ipv6('fd00:66::1', 'fd00:66::99'));
+    expect(router.stats.unknown).toBe(6);
+    router.fromClient(A, ipv6('fd00:66::2', 'fd00:66::1').subarray(0, 44));
+    expect(router.stats.malformed).toBe(1);
+    expect(toKernel).toHaveLength(0);
+  });
+
+  test('an IPv6-only router drops IPv4 as a family it does not carry', () => {
+    const toKernel: Uint8Array[] = [];
+    const router = new TunRouter({ v4: null, v6: pool6('fd00:66::1/64') }, { write: (p) => (toKernel.push(p), true) });
+    router.fromClient({ v4: null, v6: ip6('fd00:66::2') }, ipv4('10.66.0.2', '10.66.0.1'));
+    router.fromInterface(ipv4('10.66.0.1', '10.66.0.2'));
+    expect(router.stats.otherFamily).toBe(2);
+    router.fromClient({ v4: null, v6: ip6('fd00:66::2') }, ipv6('fd00:66::2', 'fd00:66::1'));
+    expect(toKernel).toHaveLength(1);
+  });
+});
+
+describe("the client's inbound filter", () => {
+  let wasQuiet = false;
+  beforeAll(() => {
+    wasQuiet = log.quiet;
+    log.quiet = true;
+  });
+  afterAll(() => void (log.quiet = wasQuiet));
+
+  const dual = () =>
+    new InboundFilter({ v4: ip('10.66.0.2'), v6: ip6('fd00:66::2') }, [parseCidr('10.66.0.0/24', 't'), parseRoute('10.77.0.0/24')], [parseCidr6('fd00:66::/64', 't'), parseCidr6('2001:db8:77::/48', 't')]);
+
+  test('lets in packets for its own addresses from the tunnel subnet or an accepted route, of both families', () => {
+    const f = dual();
+    for (const p of [ipv4('10.66.0.1', '10.66.0.2'), ipv4('10.66.0.3', '10.66.0.2'), ipv4('10.77.0.1', '10.66.0.2'), ipv6('fd00:66::1', 'fd00:66::2'), ipv6('2001:db8:77::1', 'fd00:66::2')]) {
+      expect(f.check(p)).toBe(true);
+    }
+    expect(f.stats.accepted).toBe(5);
+  });
+
+  test('drops a forged source, another destination (multicast and broadcast included), a wrong length, and a family the tunnel does not carry', () => {
+    const f = dual();
+    const drops = [
+      ipv6('2001:db8:bad::1', 'fd00:66::2'), // source outside the subnet and every route
+      ipv6('fe80::1', 'fd00:66::2'),
+      ipv4('198.18.0.1', '10.66.0.2'),
+      ipv6('fd00:66::1', 'fd00:66::3'), // not our address
+      ipv6('fd00:66::1', 'ff02::1'), // no multicast, not even link-local: no NDP or MLD runs on a TUN link
+      ipv4('10.66.0.1', '10.66.0.255'),
+      ipv4('10.66.0.1', '224.0.0.1'),
+      ipv6('fd00:66::1', 'fd00:66::2').subarray(0, 44),
+      ipv4('10.66.0.1', '10.66.0.2').subarray(0, 24),
+    ];
+    for (const p of drops) expect(f.check(p)).toBe(false);
+    expect(f.stats).toEqual({ accepted: 0, malformed: 2, otherFamily: 0, notForUs: 4, badSource: 3 });
+    const only4 = new InboundFilter({ v4: ip('10.66.0.2'), v6: null }, [parseCidr('10.66.0.0/24', 't')], []);
+    expect(only4.check(ipv6('fd00:66::1', 'fd00:66::2'))).toBe(false);
+    expect(only4.stats.otherFamily).toBe(1);
+  });
+});
+
+describe('the CONFIG exchange, both families (PROTOCOL.md §8.5)', () => {
+  const offer = { mtu: 1371, routes: [parseRoute('10.77.0.0/24')], routes6: [parseCidr6('2001:db8:77::/48', 't')] };
+  const pools = () => ({ v4: new AddressPool(parseCidr('10.66.0.1/24', 't')), v6: pool6('fd00:66::1/64') });
+
+  test('an old, IPv4-only client (no families field) gets its IPv4 address and nothing of IPv6 from a dual-stack server', () => {
+    const p = pools();
+    const r = answerTunClient({ mode: 'tun', request: null }, p, offer);
+    if (r instanceof VpnError) throw r;
+    expect(r.answer).toEqual({ mode: 'tun', address: '10.66.0.2/24', server: '10.66.0.1', routes: ['10.77.0.0/24'], mtu: 1371 });
+    expect(r.addrs).toEqual({ v4: ip('10.66.0.2'), v6: null });
+    expect(p.v6.inUse(ip6('fd00:66::2'))).toBe(false);
+  });
+
+  test('a dual-stack client gets both, the IPv6 one with the IPv4 host number, and may ask for either', () => {
+    const p = pools();
+    const r = answerTunClient({ mode: 'tun', request: '10.66.0.7', families: ['ipv4', 'ipv6'] }, p, offer);
+    if (r instanceof VpnError) throw r;
+    expect(r.answer).toMatchObject({ address: '10.66.0.7/24', address6: 'fd00:66::7/64', server6: 'fd00:66::1', routes6: ['2001:db8:77::/48'], mtu: 1371 });
+    const r2 = answerTunClient({ mode: 'tun', request: null, request6: 'fd00:66::beef', families: ['ipv4', 'ipv6', 'ipx'] }, p, offer);
+    if (r2 instanceof VpnError) throw r2;
+    expect(r2.answer).toMatchObject({ address: '10.66.0.2/24', address6: 'fd00:66::beef/64' });
+  });
+
+  test('refuses what it cannot give, and then holds no address for the client', () => {
+    const p = pools();
+    answerTunClient({ mode: 'tun', request6: 'fd00:66::7', families: ['ipv6'] }, p, offer);
+    const taken = answerTunClient({ mode: 'tun', request6: 'fd00:66::7', families: ['ipv4', 'ipv6'] }, p, offer);
+    expect((taken as VpnError).message).toMatch(/address fd00:66::7 is in use/);
+    expect(p.v4.inUse(ip('10.66.0.2'))).toBe(false); // its IPv4 address was given back
+    const cases: [Record<string, unknown>, RegExp][] = [
+      [{ mode: 'tun', request6: 7 }, /requested IPv6 address must be a string or null/],
+      [{ mode: 'tun', request6: 'fd00::66::1' }, /cannot read the requested IPv6 address/],
+      [{ mode: 'tun', families: 'ipv6' }, /families must be a list/],
+    ];
+    for (const [peer, re] of cases) expect((answerTunClient(peer, p, offer) as VpnError).message).toMatch(re);
+    const only6 = { v4: null, v6: pool6('fd00:66::1/64') };
+    expect((answerTunClient({ mode: 'tun', request: null }, only6, offer) as VpnError).message).toMatch(/this tunnel carries IPv6 \(fd00:66::\/64\) only, and the client asked for ipv4/);
+    const only4 = { v4: new AddressPool(parseCidr('10.66.0.1/24', 't')), v6: null };
+    expect((answerTunClient({ mode: 'tun', request6: 'fd00:66::7' }, only4, offer) as VpnError).message).toMatch(/carries no IPv6/);
+  });
+
+  test('the client checks the answer field by field: IPv6 needs an MTU of 1280 and must have been asked for', () => {
+    const ok = { mode: 'tun', address6: 'fd00:66::2/64', server6: 'fd00:66::1', routes6: ['2001:db8:77::/48'], mtu: 1280 };
+    const a = readTunAnswer(ok, true);
+    expect(a.v4).toBeNull();
+    expect(a.v6!.address).toEqual({ v6: true, addr: ip6('fd00:66::2'), prefix: 64 });
+    const bad: [Record<string, unknown>, boolean, RegExp][] = [
+      [{ ...ok, mtu: 1279 }, true, /mtu must be at least 1280 with IPv6, got 1279/],
+      [ok, false, /address6 was sent, but this client asked for IPv4 only/],
+      [{ ...ok, server6: '10.66.0.1' }, true, /server6 must be an IPv6 address/],
+      [{ ...ok, routes6: ['10.77.0.0/24'] }, true, /route6: expected an IPv6 address/],
+      [{ ...ok, routes6: ['2001:db8:77::1/48'] }, true, /host bits set/],
+      [{ ...ok, routes6: Array(33).fill('2001:db8::/32') }, true, /more than 32 routes6/],
+      [{ ...ok, address6: 'fd00:66::2/128' }, true, /prefix from \/1 to \/127/],
+      [{ mode: 'tun', mtu: 1371 }, true, /address or address6 is required/],
+    ];
+    for (const [peer, asked6, re] of bad) {
+      expect(() => readTunAnswer(peer, asked6)).toThrow(/the server sent a TUN configuration this client cannot use/);
+      expect(() => readTunAnswer(peer, asked6)).toThrow(re);
+    }
+  });
+});
+
 // ---- the command line, without a network ----
 
 /** A Proc that the afterEach below kills if the test left it running. */
@@ -227,6 +493,26 @@ describe('usage', () => {
     }
   });
 
+  test('IPv6 in the tunnel refuses an MTU below 1280 with a clear sentence; the --tun and --route flags take at most one prefix of each family that the tunnel carries', async () => {
+    const cases: [string[], RegExp][] = [
+      [['serve', '--tun', 'fd00:66::1/64', '--mtu', '1000'], /--mtu 1000 is below 1280, the smallest MTU IPv6 allows \(RFC 8200\), and --tun fd00:66::1\/64 puts IPv6 in the tunnel: use --mtu 1280 or more/],
+      [['serve', '--tun', '10.66.0.1/24', '--tun', 'fd00:66::1/64', '--mtu', '1279'], /--mtu 1279 is below 1280/],
+      [['connect', '--tun', 'fd00:66::7', '--mtu', '1000'], /--mtu 1000 is below 1280, .*--tun fd00:66::7 asks for IPv6/],
+      [['connect', '--tun', 'auto', '--mtu', '1000', '--route', '2001:db8::/48'], /--route 2001:db8::\/48 needs IPv6 in the tunnel/],
+      [['serve', '--tun', '10.66.0.1/24', '--tun', '10.67.0.1/24'], /--tun: one IPv4 and one IPv6 address at most, got two IPv4 ones/],
+      [['serve', '--tun', '10.66.0.1/24', '--route', '2001:db8::/48'], /--route 2001:db8::\/48 is IPv6, but the tunnel carries no IPv6/],
+      [['serve', '--tun', 'fd00:66::1/64', '--route', '10.77.0.0/24'], /--route 10\.77\.0\.0\/24 is IPv4, but the tunnel carries no IPv4/],
+      [['serve', '--tun', 'fd00:66::1'], /--tun: expected an IPv4 address and prefix .* or an IPv6 one such as fd00:66::1\/64/],
+      [['connect', '--tun', 'auto', '--tun', 'fd00:66::7'], /--tun auto asks for every address the server has; give it alone/],
+      [['connect', '--tun', 'auto', '--route', '2001:db8::1/48'], /did you mean 2001:db8::\/48/],
+    ];
+    for (const [args, re] of cases) {
+      const p = new Proc(['bun', VPN, ...args], SECRET);
+      expect(await p.exit()).toBe(2);
+      expect(p.stderr).toMatch(re);
+    }
+  });
+
   test('--help documents every TUN flag with its default', async () => {
     for (const cmd of ['serve', 'connect']) {
       const p = new Proc(['bun', VPN, cmd, '--help']);
@@ -244,6 +530,7 @@ const TAG = spaces.tag;
 const NS = { srv: spaces.name('s'), c1: spaces.name('a'), c2: spaces.name('b') };
 const SERVER1 = '192.168.77.1'; // the server, seen from c1
 const SERVER2 = '192.168.77.5'; // the server, seen from c2
+const SERVER1_6 = 'fd00:77::1'; // the server over IPv6, seen from c1
 
 /** Why the namespace tests cannot run here, or null when they can (checked once: can we create one?). */
 const skipReason = netnsUnavailable();
@@ -272,13 +559,15 @@ def csum(b):
     s = (s >> 16) + (s & 0xffff); s += s >> 16
     return ~s & 0xffff
 dst, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+v6 = ':' in dst  # ICMPv6 (RFC 4443): echo 128/129, the kernel fills in the checksum and strips the IPv6 header
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) if v6 else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+req, rep = (128, 129) if v6 else (8, 0)
 ident = os.getpid() & 0xffff
 rtts = []
 for seq in range(count):
     payload = os.urandom(56)
-    hdr = struct.pack('!BBHHH', 8, 0, 0, ident, seq)
-    pkt = struct.pack('!BBHHH', 8, 0, csum(hdr + payload), ident, seq) + payload
+    hdr = struct.pack('!BBHHH', req, 0, 0, ident, seq)
+    pkt = struct.pack('!BBHHH', req, 0, 0 if v6 else csum(hdr + payload), ident, seq) + payload
     t0 = time.perf_counter(); s.sendto(pkt, (dst, 0)); deadline = t0 + timeout
     while True:
         left = deadline - time.perf_counter()
@@ -286,12 +575,73 @@ for seq in range(count):
         s.settimeout(left)
         try: data, addr = s.recvfrom(4096)
         except socket.timeout: break
-        ihl = (data[0] & 15) * 4
+        ihl = 0 if v6 else (data[0] & 15) * 4
         typ, code, _, rid, rseq = struct.unpack('!BBHHH', data[ihl:ihl + 8])
-        if typ == 0 and rid == ident and rseq == seq and addr[0] == dst and data[ihl + 8:] == payload:
+        if typ == rep and rid == ident and rseq == seq and addr[0] == dst and data[ihl + 8:] == payload:
             rtts.append((time.perf_counter() - t0) * 1000); break
 print(json.dumps({'sent': count, 'received': len(rtts), 'rtts_ms': rtts}))
 `;
+
+/**
+ * \`udp.py recv ADDR PORT SECONDS\`: print "ready", then the payloads that arrived within SECONDS (a JSON list).
+ * \`udp.py send SRC DST PORT TEXT\`: one UDP datagram with a hand-made IP header, so with any source address we like
+ * (a raw IPPROTO_RAW socket: the kernel takes our header as it is).
+ */
+const UDP_PY = `
+import json, socket, struct, sys, time
+def csum(b):
+    if len(b) % 2: b += b'\\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+cmd = sys.argv[1]
+if cmd == 'recv':
+    addr, port, secs = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    s = socket.socket(socket.AF_INET6 if ':' in addr else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((addr, port))
+    print('ready', file=sys.stderr, flush=True)
+    got, deadline = [], time.time() + secs
+    while True:
+        left = deadline - time.time()
+        if left <= 0: break
+        s.settimeout(left)
+        try: data, _ = s.recvfrom(2048)
+        except socket.timeout: break
+        got.append(data.decode())
+    print(json.dumps(got), flush=True)
+else:
+    src, dst, port, payload = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5].encode()
+    n = 8 + len(payload)
+    if ':' in dst:
+        s6, d6 = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+        c = csum(s6 + d6 + struct.pack('!I3xB', n, 17) + struct.pack('!HHHH', 4000, port, n, 0) + payload) or 0xffff
+        pkt = struct.pack('!IHBB', 6 << 28, n, 17, 64) + s6 + d6 + struct.pack('!HHHH', 4000, port, n, c) + payload
+        socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(pkt, (dst, 0))
+    else:
+        s4, d4 = socket.inet_aton(src), socket.inet_aton(dst)
+        c = csum(s4 + d4 + struct.pack('!xBH', 17, n) + struct.pack('!HHHH', 4000, port, n, 0) + payload) or 0xffff
+        hdr = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + n, 0, 0, 64, 17, 0, s4, d4)
+        hdr = hdr[:10] + struct.pack('!H', csum(hdr)) + hdr[12:]
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).sendto(hdr + struct.pack('!HHHH', 4000, port, n, c) + payload, (dst, 0))
+`;
+
+/** Listen for UDP on ADDR:PORT in \`ns\` for \`secs\`; \`done\` resolves with the payloads that arrived. */
+async function udpListen(ns: string, addr: string, port: number, secs = 3): Promise<{ done: Promise<string[]> }> {
+  const p = new Proc(inNetns(ns, ['python3', '-u', join(work, 'udp.py'), 'recv', addr, String(port), String(secs)]));
+  await p.waitFor(/^ready$/m);
+  return {
+    done: (async () => {
+      expect(await p.exit()).toBe(0);
+      return JSON.parse((await p.stdout).trim().split('\n').pop()!);
+    })(),
+  };
+}
+
+/** Send one UDP datagram from \`ns\` with source address \`src\`, whatever the namespace's own addresses are. */
+function udpForge(ns: string, src: string, dst: string, port: number, text: string): void {
+  const r = exec(ns, ['python3', join(work, 'udp.py'), 'send', src, dst, String(port), text]);
+  if (r.code !== 0) throw new Error(`udp.py send failed: ${r.err}`);
+}
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
@@ -323,12 +673,31 @@ async function startClient(ns: string, port: number, extra: string[] = ['--tun',
   return { p, dev: m[1]!, addr: m[2]! };
 }
 
+/** A TUN server in NS.srv with these --tun values (and `extra`), listening on `listen` (port added). */
+async function startServerWith(tun: string[], extra: string[] = [], listen = '0.0.0.0'): Promise<{ p: Proc; port: number }> {
+  const port = nextPort++;
+  const where = listen.includes(':') ? `[${listen}]:${port}` : `${listen}:${port}`;
+  const p = vpnIn(NS.srv, ['serve', '--listen', where, ...tun.flatMap((t) => ['--tun', t]), '--key', keyPath, ...extra]);
+  await p.waitFor(/^listening on /m);
+  return { p, port };
+}
+
+/** A TUN client in `ns` against `server` (HOST:PORT); resolves with its interface and the rest of its "tunnel up" line. */
+async function startClientAt(ns: string, server: string, extra: string[] = ['--tun', 'auto']) {
+  const p = vpnIn(ns, ['connect', server, '--key', keyPath, ...extra]);
+  const m = await p.waitFor(/^tunnel up: (\S+) (.*)$/m);
+  return { p, dev: m[1]!, line: m[2]! };
+}
+
+const DUAL = ['10.66.0.1/24', 'fd00:66::1/64'];
+
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
 
 describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
   beforeAll(() => {
     work = mkdtempSync(join(tmpdir(), 'vpn-tun-'));
     writeFileSync(join(work, 'ping.py'), PING_PY);
+    writeFileSync(join(work, 'udp.py'), UDP_PY);
     keyPath = join(work, 'key');
     wrongKeyPath = join(work, 'wrong');
     writeFileSync(keyPath, randomBytes(32).toString('hex') + '\n', { mode: 0o600 });
@@ -339,6 +708,10 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     spaces.veth(NS.srv, 'v2', NS.c2, 'v0', { a: `${SERVER2}/30`, b: '192.168.77.6/30' });
     // a network on the server's side beyond the tunnel subnet, for --route
     must(['ip', '-n', NS.srv, 'addr', 'add', '10.77.0.1/24', 'dev', 'lo']);
+    // the same in IPv6, and an IPv6 underlay between srv and c1 for the outer connection
+    spaces.address(NS.srv, 'lo', '2001:db8:77::1/128');
+    spaces.address(NS.srv, 'v1', `${SERVER1_6}/64`);
+    spaces.address(NS.c1, 'v0', 'fd00:77::2/64');
   });
 
   afterAll(() => {
@@ -521,5 +894,185 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     expect(tunLinks(NS.c1)).toEqual([]);
     srv.kill('SIGTERM');
     expect(await srv.exit()).toBe(0);
+  });
+  // ---- IPv6 inside the tunnel (dual-stack, IPv6-only) and IPv6 underneath ----
+
+  test('dual-stack: each client gets one address of each family (fd00:66::N next to 10.66.0.N), ping -6 crosses the tunnel both ways and between clients, an unknown IPv6 destination is dropped and counted', async () => {
+    const { p: srv, port } = await startServerWith(DUAL);
+    await srv.waitFor(/tun \S+ up: 10\.66\.0\.1\/24 fd00:66::1\/64, mtu 1371/);
+    const a = await startClient(NS.c1, port);
+    const b = await startClient(NS.c2, port, ['--tun', '10.66.0.7']);
+    expect([a.addr, b.addr]).toEqual(['10.66.0.2', '10.66.0.7']);
+    expect(a.p.stderr).toMatch(/tunnel up: \S+ 10\.66\.0\.2\/24 fd00:66::2\/64, server 10\.66\.0\.1 fd00:66::1, mtu 1371/);
+    expect(b.p.stderr).toMatch(/tunnel up: \S+ 10\.66\.0\.7\/24 fd00:66::7\/64, server 10\.66\.0\.1 fd00:66::1/);
+    await srv.waitFor(/client 192\.168\.77\.2:\d+ is 10\.66\.0\.2 and fd00:66::2 \(protocol v2\)/);
+    const addrs = exec(NS.c1, ['ip', '-6', '-o', 'addr', 'show', 'dev', a.dev]).out;
+    expect(addrs).toContain('inet6 fd00:66::2/64');
+    expect(addrs).not.toContain('fe80'); // no link-local address: a point-to-point TUN link needs none
+    const there = ping(NS.c1, 'fd00:66::1', 5);
+    expect(there.received).toBe(5);
+    expect(ping(NS.srv, 'fd00:66::2', 3).received).toBe(3);
+    expect(ping(NS.c1, 'fd00:66::7', 3).received).toBe(3);
+    expect(ping(NS.c2, 'fd00:66::2', 3).received).toBe(3);
+    expect(ping(NS.c1, '10.66.0.7', 3).received).toBe(3); // and IPv4 as before
+    console.log(`tun: ping -6 through the tunnel: median ${median(there.rtts_ms).toFixed(2)} ms over ${there.received}`);
+    expect(ping(NS.c1, 'fd00:66::99', 1, 1).received).toBe(0);
+    await srv.waitFor(/dropped a packet for unknown destination fd00:66::99 \(from fd00:66::2\)/);
+    b.p.kill('SIGTERM');
+    expect(await b.p.exit()).toBe(0);
+    await srv.waitFor(/client 10\.66\.0\.7 and fd00:66::7 .* gone after .*: clean end; addresses released/);
+    a.p.kill('SIGTERM');
+    srv.kill('SIGTERM');
+    expect([await a.p.exit(), await srv.exit()]).toEqual([0, 0]);
+    expect(srv.stderr).toMatch(/tun stats: .*dropped: [1-9]\d* unknown destination, 0 spoofed source, 0 queue full, 0 malformed, 0 of a family/);
+  });
+
+  test('16 MiB over HTTP over IPv6 inside the tunnel arrives intact (curl -g), then 16 MiB over each family at the same time', async () => {
+    const { p: srv, port } = await startServerWith(DUAL);
+    const cli = await startClient(NS.c1, port);
+    const blob = randomBytes(16 << 20);
+    const sum = createHash('sha256').update(blob).digest('hex');
+    const www = join(work, 'www6');
+    rmSync(www, { recursive: true, force: true });
+    require('node:fs').mkdirSync(www);
+    writeFileSync(join(www, 'blob'), blob);
+    const http6 = new Proc(inNetns(NS.srv, ['python3', '-u', '-m', 'http.server', '8080', '--bind', 'fd00:66::1', '--directory', www]));
+    const http4 = new Proc(inNetns(NS.srv, ['python3', '-u', '-m', 'http.server', '8080', '--bind', '10.66.0.1', '--directory', www]));
+    const up = (url: string) => exec(NS.c1, ['curl', '-g', '-s', '-o', '/dev/null', '--max-time', '2', url]).code === 0;
+    expect(await until(() => up('http://[fd00:66::1]:8080/') && up('http://10.66.0.1:8080/'), 15000)).toBe(true);
+    const fetch = async (url: string, out: string) => {
+      const p = new Proc(inNetns(NS.c1, ['curl', '-g', '-sS', '--max-time', '90', '-o', out, '-w', '%{http_code}', url]));
+      expect(await p.exit(100_000)).toBe(0);
+      expect(await p.stdout).toBe('200');
+      const got = await Bun.file(out).bytes();
+      expect(got.length).toBe(blob.length);
+      expect(createHash('sha256').update(got).digest('hex')).toBe(sum);
+    };
+    let t0 = performance.now();
+    await fetch('http://[fd00:66::1]:8080/blob', join(work, 'got6'));
+    const secs6 = (performance.now() - t0) / 1000;
+    t0 = performance.now();
+    await Promise.all([fetch('http://[fd00:66::1]:8080/blob', join(work, 'got6b')), fetch('http://10.66.0.1:8080/blob', join(work, 'got4b'))]);
+    const both = (performance.now() - t0) / 1000;
+    console.log(`tun: 16 MiB over HTTP over IPv6 through the tunnel in ${secs6.toFixed(2)} s (${(16 / secs6).toFixed(1)} MiB/s); 2 × 16 MiB, IPv4 and IPv6 at once, in ${both.toFixed(2)} s (${(32 / both).toFixed(1)} MiB/s)`);
+    http6.kill('SIGKILL');
+    http4.kill('SIGKILL');
+    cli.p.kill('SIGTERM');
+    srv.kill('SIGTERM');
+    expect([await cli.p.exit(), await srv.exit()]).toEqual([0, 0]);
+    expect(srv.stderr).toMatch(/, 0 malformed reads/);
+    expect(cli.p.stderr).toMatch(/dropped inbound: 0 malformed, 0 of a family the tunnel does not carry, 0 not for this client, 0 from a source outside/);
+  }, 120_000);
+
+  test('an IPv6-only tunnel: the client gets an IPv6 address and no IPv4 one; an IPv4 request, and a client whose --mtu is below 1280, are refused with exit 2', async () => {
+    const { p: srv, port } = await startServerWith(['fd00:66::1/64']);
+    const cli = await startClientAt(NS.c1, `${SERVER1}:${port}`);
+    expect(cli.line).toMatch(/^fd00:66::2\/64, server fd00:66::1, mtu 1371/);
+    expect(exec(NS.c1, ['ip', '-4', '-o', 'addr', 'show', 'dev', cli.dev]).out).toBe('');
+    expect(ping(NS.c1, 'fd00:66::1', 3).received).toBe(3);
+    expect(ping(NS.srv, 'fd00:66::2', 3).received).toBe(3);
+    await srv.waitFor(/client 192\.168\.77\.2:\d+ is fd00:66::2 \(protocol v2\)/);
+    const v4 = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', keyPath, '--tun', '10.66.0.7']);
+    expect(await v4.exit()).toBe(2);
+    expect(v4.stderr).toMatch(/the server refused the session: asked for 10\.66\.0\.7, but this tunnel carries no IPv4, only IPv6 \(fd00:66::\/64\)/);
+    const small = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', keyPath, '--tun', 'auto', '--mtu', '1000']);
+    expect(await small.exit()).toBe(2);
+    expect(small.stderr).toMatch(/the server refused the session: this tunnel carries IPv6 \(fd00:66::\/64\) only, and the client asked for ipv4; an IPv6 client needs --mtu 1280 or more/);
+    expect(tunLinks(NS.c2)).toEqual([]);
+    cli.p.kill('SIGTERM');
+    srv.kill('SIGTERM');
+    expect([await cli.p.exit(), await srv.exit()]).toEqual([0, 0]);
+  });
+
+  test('a client sending from an IPv6 source that is not its own is dropped and counted by the server', async () => {
+    const { p: srv, port } = await startServerWith(DUAL);
+    const a = await startClient(NS.c1, port);
+    const b = await startClient(NS.c2, port);
+    expect(b.addr).toBe('10.66.0.3');
+    const l = await udpListen(NS.srv, 'fd00:66::1', 9999);
+    udpForge(NS.c1, 'fd00:66::99', 'fd00:66::1', 9999, 'unassigned source');
+    udpForge(NS.c1, 'fd00:66::3', 'fd00:66::1', 9999, "another client's source");
+    udpForge(NS.c1, '2001:db8:bad::1', 'fd00:66::3', 9999, 'outside source to a client');
+    udpForge(NS.c1, 'fd00:66::2', 'fd00:66::1', 9999, 'own source');
+    expect(await l.done).toEqual(['own source']);
+    await srv.waitFor(/dropped a packet from client fd00:66::2 with source address fd00:66::99/);
+    for (const p of [a.p, b.p, srv]) p.kill('SIGTERM');
+    expect([await a.p.exit(), await b.p.exit(), await srv.exit()]).toEqual([0, 0, 0]);
+    expect(srv.stderr).toMatch(/tun stats: .* 3 spoofed source/);
+    expect(b.p.stderr).not.toMatch(/tun stats: \d+ packets read from \S+, [1-9]/); // c2 got nothing written
+  });
+
+  test('the client writes into its kernel only packets from the tunnel or its routes: forged IPv4 and IPv6 sources from the server side are dropped and counted', async () => {
+    const { p: srv, port } = await startServerWith(DUAL, ['--route', '2001:db8:77::/48']);
+    const cli = await startClient(NS.c1, port);
+    const l6 = await udpListen(NS.c1, 'fd00:66::2', 9999);
+    const l4 = await udpListen(NS.c1, '10.66.0.2', 9998);
+    // written into the server's kernel, which routes them into its interface toward the client
+    udpForge(NS.srv, '2001:db8:bad::1', 'fd00:66::2', 9999, 'forged6');
+    udpForge(NS.srv, '198.18.0.1', '10.66.0.2', 9998, 'forged4');
+    udpForge(NS.srv, 'fd00:66::1', 'fd00:66::2', 9999, 'tunnel6');
+    udpForge(NS.srv, '2001:db8:77::1', 'fd00:66::2', 9999, 'route6');
+    udpForge(NS.srv, '10.66.0.1', '10.66.0.2', 9998, 'tunnel4');
+    expect(await l6.done).toEqual(['tunnel6', 'route6']);
+    expect(await l4.done).toEqual(['tunnel4']);
+    await cli.p.waitFor(/dropped a packet from the server with source address 2001:db8:bad::1, outside the tunnel subnet and every accepted route/);
+    await cli.p.waitFor(/dropped a packet from the server with source address 198\.18\.0\.1/);
+    cli.p.kill('SIGTERM');
+    srv.kill('SIGTERM');
+    expect([await cli.p.exit(), await srv.exit()]).toEqual([0, 0]);
+    expect(cli.p.stderr).toMatch(/dropped inbound: 0 malformed, 0 of a family the tunnel does not carry, 0 not for this client, 2 from a source outside the tunnel and its routes/);
+  });
+
+  test('an IPv6 route pushed by the server, and one of the client\'s own, are installed and carry traffic', async () => {
+    const { p: srv, port } = await startServerWith(DUAL, ['--route', '2001:db8:77::/48', '--route', '10.77.0.0/24']);
+    await srv.waitFor(/pushing routes 10\.77\.0\.0\/24 2001:db8:77::\/48/);
+    const cli = await startClient(NS.c1, port, ['--tun', 'auto', '--route', '2001:db8:99::/48']);
+    expect(cli.p.stderr).toMatch(/routes 10\.77\.0\.0\/24 2001:db8:99::\/48 2001:db8:77::\/48/);
+    const routes = exec(NS.c1, ['ip', '-6', 'route']).out;
+    expect(routes).toContain(`2001:db8:77::/48 dev ${cli.dev}`);
+    expect(routes).toContain(`2001:db8:99::/48 dev ${cli.dev}`);
+    expect(ping(NS.c1, '2001:db8:77::1', 3).received).toBe(3);
+    expect(ping(NS.c1, '10.77.0.1', 1).received).toBe(1);
+    cli.p.kill('SIGTERM');
+    srv.kill('SIGTERM');
+    expect([await cli.p.exit(), await srv.exit()]).toEqual([0, 0]);
+  });
+
+  test('the outer connection over IPv6: connect [fd00:77::1]:PORT; an IPv6 route over the server pins a host route outside the tunnel', async () => {
+    const { p: srv, port } = await startServerWith(DUAL, [], '::');
+    // 8000::/1 covers fd00:77::1, the server's own outer address
+    const cli = await startClientAt(NS.c1, `[${SERVER1_6}]:${port}`, ['--tun', 'auto', '--route', '8000::/1']);
+    expect(cli.line).toMatch(/^10\.66\.0\.2\/24 fd00:66::2\/64, .*routes 8000::\/1/);
+    await srv.waitFor(/client \[?fd00:77::2\]?:\d+ is 10\.66\.0\.2 and fd00:66::2/);
+    const routes = exec(NS.c1, ['ip', '-6', 'route']).out;
+    expect(routes).toContain(`8000::/1 dev ${cli.dev}`);
+    expect(routes).toContain(`${SERVER1_6} dev v0`);
+    expect(ping(NS.c1, 'fd00:66::1', 3).received).toBe(3);
+    expect(ping(NS.c1, '10.66.0.1', 3).received).toBe(3);
+    cli.p.kill('SIGTERM');
+    expect(await cli.p.exit()).toBe(0);
+    expect(exec(NS.c1, ['ip', '-6', 'route']).out).not.toContain(`${SERVER1_6} dev`);
+    srv.kill('SIGTERM');
+    expect(await srv.exit()).toBe(0);
+  });
+
+  test('MTU: an IPv4-only tunnel works with --mtu 576 (IPv6 turned off on its interfaces); a client with --mtu below 1280 gets IPv4 only from a dual-stack server', async () => {
+    const { p: srv, port } = await startServer(['--mtu', '576']);
+    const cli = await startClient(NS.c1, port);
+    expect(cli.p.stderr).toMatch(/tunnel up: \S+ 10\.66\.0\.2\/24, server 10\.66\.0\.1, mtu 576/);
+    expect(exec(NS.c1, ['ip', '-o', 'link', 'show', 'dev', cli.dev]).out).toContain('mtu 576');
+    expect(exec(NS.c1, ['ip', '-6', '-o', 'addr', 'show', 'dev', cli.dev]).out).toBe('');
+    expect(ping(NS.c1, '10.66.0.1', 3).received).toBe(3);
+    cli.p.kill('SIGTERM');
+    srv.kill('SIGTERM');
+    expect([await cli.p.exit(), await srv.exit()]).toEqual([0, 0]);
+    const dual = await startServerWith(DUAL);
+    const small = await startClient(NS.c1, dual.port, ['--tun', 'auto', '--mtu', '1000']);
+    expect(small.p.stderr).toMatch(/tunnel up: \S+ 10\.66\.0\.2\/24, server 10\.66\.0\.1, mtu 1000/);
+    await dual.p.waitFor(/client 192\.168\.77\.2:\d+ is 10\.66\.0\.2 \(protocol v2\)/);
+    expect(ping(NS.c1, '10.66.0.1', 3).received).toBe(3);
+    small.p.kill('SIGTERM');
+    dual.p.kill('SIGTERM');
+    expect([await small.p.exit(), await dual.p.exit()]).toEqual([0, 0]);
   });
 });
