@@ -43,6 +43,11 @@ const ADVICE: Record<ErrorCode, string> = {
 
 export class VpnError extends Error {
   readonly code: ErrorCode;
+  /**
+   * The peer *proved* this end: a verified refusal, or a handshake message that failed verification. A TUN client
+   * does not reconnect after such an end; after any other (a lost connection, a server restart) it does.
+   */
+  final = false;
   constructor(code: ErrorCode, message: string) {
     super(message);
     this.name = 'VpnError';

@@ -296,7 +296,7 @@ export class Session {
 
   private handshakeEof(): VpnError {
     if (this.o.role === 'client' && this.hsBuf.length === REFUSE_V1.length && this.hsBuf.every((b, i) => b === REFUSE_V1[i])) {
-      return new VpnError('PFS_REQUIRED', 'the server requires forward secrecy and refused protocol version 1');
+      return Object.assign(new VpnError('PFS_REQUIRED', 'the server requires forward secrecy and refused protocol version 1'), { final: true });
     }
     return new VpnError('AUTH_FAILED', `the ${this.o.role === 'client' ? 'server' : 'client'} closed the connection during the handshake`);
   }
@@ -339,6 +339,7 @@ export class Session {
         reply = hs.consume(message); // every consume verifies before it answers (C2 before C3, S3 before unwrapping)
       } catch (e) {
         const err = asVpnError(e, 'AUTH_FAILED');
+        err.final = true; // a message that failed its checks: the peer's answer, not a lost connection
         if (err.code === 'PFS_REQUIRED') this.send(REFUSE_V1);
         this.finish(err, err.code === 'PFS_REQUIRED' ? 'linger' : 'close');
         return;
@@ -626,6 +627,7 @@ export class Session {
    * end with `err`. The server learns the reason instead of seeing a truncated stream.
    */
   refuse(err: VpnError): void {
+    err.final = true; // the server's answer will not change by asking again
     if (!this.sending) return;
     this.phaseNow = 'flushing';
     this.sendRecord(RECORD.CLOSE, new TextEncoder().encode(JSON.stringify({ error: err.message.slice(0, 1000), code: err.code })));
@@ -728,7 +730,7 @@ export function readRefusal(payload: Uint8Array, what: string, parsed?: Json): V
   if (typeof v !== 'object' || v === null || typeof (v as Json).error !== 'string') return null;
   const j = v as Json;
   const code = typeof j.code === 'string' && REFUSAL_CODES.has(j.code) ? (j.code as 'NETWORK' | 'USAGE') : 'USAGE';
-  return new VpnError(code, `${what}: ${escapeText(String(j.error))}`);
+  return Object.assign(new VpnError(code, `${what}: ${escapeText(String(j.error))}`), { final: true });
 }
 
 /** Text from a peer, made safe for one log line or a terminal: at most `max` characters, controls shown as `?`. */

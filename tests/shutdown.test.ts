@@ -81,7 +81,7 @@ function flushTarget(s: Socket<TargetData>): void {
   }
   if (s.data.ending && !s.data.finSent) {
     s.data.finSent = true;
-    s.end();
+    s.shutdown(); // FIN, and keep reading: Bun's end() would stop reading and lose the rest of the upload
   }
 }
 
