@@ -1,10 +1,15 @@
 /**
  * PROTOCOL.md §12: known-answer vectors. Fixed secret and fixed "random" bytes → the exact bytes of the long-term
- * keys, messages 1–3, the traffic keys and the first two client→server frames, for protocol versions 1 and 2.
+ * keys, messages 1–3, the traffic keys and frames, for protocol versions 1 and 2: §12.1–§12.4 (key-file and
+ * passphrase long-term keys, a v1 and a v2 handshake, two client→server frames each), §12.5–§12.6 (the frames of a
+ * real session in both directions under the §12.4 keys: CONFIG first, DATA of 14/15/16/65535/65536 bytes, PING/PONG,
+ * CLOSE) and §12.7 (a v2 handshake under passphrase keys, the passphrase changed by NFKC).
  *
  * Where the expected hex came from: it was produced once by running handshake.ts/channel.ts with the inputs below
- * and then hard-coded here and in PROTOCOL.md §12. Each test checks three things agree byte for byte:
- *   1. the hard-coded hex;
+ * and written into PROTOCOL.md §12 (and, for §12.1–§12.4, hard-coded here as well). Each test checks that these
+ * agree byte for byte:
+ *   1. the hex in PROTOCOL.md §12, which this file parses (tables and code blocks) — so a digit changed in the
+ *      document fails a test; §12.1–§12.4 are also held here, and the document is checked against them;
  *   2. the code under test, with the noble engine and with the native engine;
  *   3. an independent re-computation in this file that uses only node:crypto (createHmac, hkdfSync, scryptSync,
  *      createCipheriv, diffieHellman) and the formulas of PROTOCOL.md §3–§6, so the vectors are not merely the
@@ -21,16 +26,20 @@ import {
   hkdfSync,
   scryptSync,
 } from 'node:crypto';
-import { ChannelReceiver, ChannelSender, RECORD } from '../channel.ts';
+import { readFileSync } from 'node:fs';
+import { ChannelReceiver, ChannelSender, RECORD, type RecordType } from '../channel.ts';
 import { type Engine, nativeEngine, nobleEngine } from '../engine.ts';
 import {
   ClientHandshake,
   keysFromKeyFile,
   keysFromPassphrase,
+  type DirectionKeys,
+  type LongTermKeys,
   type RandomSource,
   ServerHandshake,
   type TrafficKeys,
 } from '../handshake.ts';
+import { MAX_CONFIG } from '../session.ts';
 
 const ENGINES: readonly Engine[] = [nobleEngine, nativeEngine];
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
@@ -143,6 +152,48 @@ const V2: Expected = {
 };
 const EXPECTED: Record<1 | 2, Expected> = { 1: V1, 2: V2 };
 
+// ---- §12.5–§12.6 inputs: the records of a real session, per direction, under the §12.4 (version 2) traffic keys ----
+/** Record type bytes of PROTOCOL.md §7, held here so that the reference does not take them from channel.ts. */
+const TYPE_BYTE = { DATA: 0x00, CLOSE: 0x01, PING: 0x02, PONG: 0x03, CONFIG: 0x04, ACK: 0x05, REKEY: 0x06 } as const;
+type RecordName = keyof typeof TYPE_BYTE;
+interface SessionRecord {
+  type: RecordName;
+  payload: Uint8Array;
+}
+/** A DATA payload of n bytes in §12.5: 00 01 02 … (byte i is i mod 256). */
+const counting = (n: number) => Uint8Array.from({ length: n }, (_, i) => i & 0xff);
+const CONFIG_STDIO = '{"mode":"stdio"}';
+const rec = (type: RecordName, payload: Uint8Array = new Uint8Array(0)): SessionRecord => ({ type, payload });
+/** Frames with a payload this large are listed in parts (L, IV, first and last 32 bytes of ct, chain_n), not whole. */
+const LISTED_IN_PARTS = 1024;
+const SESSION = {
+  c2s: {
+    section: '12.5',
+    ivStart: 0x10,
+    records: [
+      rec('CONFIG', utf8(CONFIG_STDIO)),
+      rec('DATA', counting(14)), // plaintext 15 bytes: one block, 1 byte of pad
+      rec('DATA', counting(15)), // plaintext 16 bytes: a whole block of pad follows
+      rec('DATA', counting(16)), // plaintext 17 bytes: two blocks
+      rec('DATA', counting(65535)), // plaintext 65536 bytes: the largest block-aligned plaintext
+      rec('DATA', counting(65536)), // MAX_PAYLOAD: plaintext 65537 bytes, L = MAX_CIPHERTEXT
+      rec('PING'),
+      rec('CLOSE'),
+    ],
+  },
+  s2c: {
+    section: '12.6',
+    ivStart: 0x90,
+    records: [rec('CONFIG', utf8(CONFIG_STDIO)), rec('DATA', utf8('hello')), rec('DATA'), rec('PONG'), rec('CLOSE')],
+  },
+} as const;
+type Direction = keyof typeof SESSION;
+
+// ---- §12.7 input: a passphrase that NFKC changes (fullwidth forms; e + COMBINING ACUTE ACCENT) ----
+const TYPED_PASSPHRASE = '\uff34\uff52\uff10\uff55\uff42\uff14\uff44\uff4f\uff52\uff06\uff13 cafe\u0301';
+/** Its NFKC form by the Unicode tables (compatibility decomposition of U+FF01–U+FF5E, canonical composition to U+00E9). */
+const PASSPHRASE_NFKC = 'Tr0ub4dor&3 caf\u00e9';
+
 // ---- the independent re-computation: node:crypto and the formulas of PROTOCOL.md, nothing from the code under test ----
 const ref = {
   hmac(key: Uint8Array, ...parts: Uint8Array[]): Buffer {
@@ -170,9 +221,8 @@ const ref = {
     const okm = ref.hkdf(ikm, utf8(salt), utf8('vpn.ts long-term keys'), 64);
     return { wrap: okm.subarray(0, 32), auth: okm.subarray(32) };
   },
-  /** §3–§6 for one version, from the IN values above. */
-  session(version: 1 | 2): Expected {
-    const lt = ref.longTerm(bytes(KEY_FILE), 'vpn.ts key file');
+  /** §3–§6 for one version, from the IN values above (under the key-file keys of §12.1 unless `lt` is given). */
+  session(version: 1 | 2, lt: { wrap: Uint8Array; auth: Uint8Array } = ref.longTerm(bytes(KEY_FILE), 'vpn.ts key file')): Expected {
     const [sk, iv, ra, rb] = [bytes(IN.sk), bytes(IN.iv), bytes(IN.ra), bytes(IN.rb)];
     const ec = ref.pub(bytes(IN.ec));
     const es = ref.pub(bytes(IN.es));
@@ -200,11 +250,24 @@ const ref = {
     const frame2 = frame(IN.frameIv2, 0x01, new Uint8Array(0));
     return { m1: hex(m1), m2: hex(m2), m3: hex(m3), transcript: hex(th), c2s, s2c, frame1, frame2 };
   },
+  /** §6 for a whole direction (§12.5, §12.6): one chain from `keys.chain0`, IVs from a counter at `ivStart`. */
+  sequence(keys: { enc: string; mac: string; chain0: string }, ivStart: number, records: readonly SessionRecord[]): Buffer[] {
+    const nextIv = counter(ivStart);
+    let chain: Uint8Array = bytes(keys.chain0);
+    return records.map(({ type, payload }) => {
+      const iv = nextIv(16);
+      const ct = ref.cbc(bytes(keys.enc), iv, Buffer.concat([Buffer.of(TYPE_BYTE[type]), payload]), true);
+      const len = Buffer.alloc(4);
+      len.writeUInt32BE(ct.length);
+      const head = Buffer.concat([len, iv, ct]);
+      chain = ref.hmac(bytes(keys.mac), chain, head);
+      return Buffer.concat([head, chain]);
+    });
+  },
 };
 
-/** Run the code under test over the §12 inputs with one engine per side. */
-function runCode(version: 1 | 2, clientEngine: Engine, serverEngine: Engine) {
-  const lt = keysFromKeyFile(bytes(KEY_FILE));
+/** Run the code under test over the §12 inputs with one engine per side (key-file keys of §12.1 unless `lt` is given). */
+function runCode(version: 1 | 2, clientEngine: Engine, serverEngine: Engine, lt: LongTermKeys = keysFromKeyFile(bytes(KEY_FILE))) {
   const transcript: Uint8Array[] = [];
   const client = new ClientHandshake(lt, version, {
     engine: clientEngine,
@@ -307,4 +370,411 @@ test('§12 v2: the ephemeral public keys and the X25519 shared secret are the li
   }
   expect(hex(ref.dh(bytes(IN.es), ref.pub(bytes(IN.ec))))).toBe(DH);
   expect(hex(ref.cbc(bytes(KEYFILE_KEYS.wrap), bytes(IN.iv), bytes(IN.sk), false))).toBe(WRAPPED_SK);
+});
+
+// ---- PROTOCOL.md §12 as the test reads it ----
+/**
+ * One value of a §12 code block. A line is a label in columns 1–12 and hex from column 13 on, then an optional
+ * comment. A label at the left margin starts an entry (`m1 (81)`: name `m1`, 81 bytes); an indented label starts a
+ * part of the entry above it (`  IV` under `frame 5` is `frame 5/IV`), except `  (68)`, which gives the size of the
+ * entry above; an empty label continues the current entry or part.
+ */
+interface DocEntry {
+  hex: string;
+  size?: number;
+  /** the comment on the entry's first line */
+  note: string;
+}
+type DocBlock = Map<string, DocEntry>;
+interface DocSection {
+  text: string;
+  tables: string[][][];
+  blocks: DocBlock[];
+}
+
+function parseBlock(body: string, where: string): DocBlock {
+  const out: DocBlock = new Map();
+  let top: string | null = null;
+  let current: DocEntry | null = null;
+  const start = (name: string, note: string, size?: number) => {
+    if (out.has(name)) throw new Error(`${where}: "${name}" is listed twice`);
+    current = { hex: '', note, ...(size === undefined ? {} : { size }) };
+    out.set(name, current);
+  };
+  for (const line of body.split('\n')) {
+    if (line.trim() === '') continue;
+    const label = line.slice(0, 12).trimEnd();
+    const m = /^([0-9a-f]+)(?:\s+(.*))?$/.exec(line.slice(12));
+    if (!m || (line.length > 12 && line[11] !== ' ')) throw new Error(`${where}: cannot read the line "${line}"`);
+    const [, value, note = ''] = m;
+    let size: RegExpExecArray | null;
+    if (label === '') {
+      if (!current) throw new Error(`${where}: a continuation line comes first: "${line}"`);
+    } else if ((size = /^\s+\((\d+)\)$/.exec(label))) {
+      if (!current || top === null) throw new Error(`${where}: a size with no entry: "${line}"`);
+      const entry: DocEntry = out.get(top)!;
+      entry.size = Number(size[1]);
+      current = entry;
+    } else if (/^\s/.test(label)) {
+      if (top === null) throw new Error(`${where}: a part with no entry: "${line}"`);
+      start(`${top}/${label.trim()}`, note);
+    } else {
+      const named = /^(.+?)(?: \((\d+)\))?$/.exec(label)!;
+      top = named[1]!;
+      start(top, note, named[2] === undefined ? undefined : Number(named[2]));
+    }
+    current!.hex += value;
+  }
+  for (const [name, e] of out) {
+    if (e.hex.length % 2 !== 0) throw new Error(`${where}: "${name}" has an odd number of hex digits`);
+    if (e.size !== undefined && e.size !== e.hex.length / 2) {
+      throw new Error(`${where}: "${name}" says (${e.size}) but lists ${e.hex.length / 2} bytes`);
+    }
+  }
+  return out;
+}
+
+/** PROTOCOL.md §12, by subsection ("12.3" → its text, its tables as rows of cells, its code blocks). */
+function readDoc(): Map<string, DocSection> {
+  const doc = readFileSync(new URL('../PROTOCOL.md', import.meta.url), 'utf8');
+  const at = doc.indexOf('\n## §12 ');
+  if (at < 0) throw new Error('PROTOCOL.md has no "## §12" section');
+  let s12 = doc.slice(at + 1);
+  const next = s12.indexOf('\n## ');
+  if (next >= 0) s12 = s12.slice(0, next);
+  const parts = s12.split(/^### §(12\.\d+) .*$/m);
+  const out = new Map<string, DocSection>();
+  for (let i = 1; i < parts.length; i += 2) {
+    const id = parts[i]!;
+    const text = parts[i + 1]!;
+    const blocks = [...text.matchAll(/^```\n([\s\S]*?)^```$/gm)].map((m, k) => parseBlock(m[1]!, `§${id} block ${k + 1}`));
+    const outside = text.replace(/^```\n[\s\S]*?^```$/gm, '');
+    const tables: string[][][] = [];
+    let rows: string[][] | null = null;
+    for (const line of outside.split('\n')) {
+      if (!line.startsWith('|')) {
+        rows = null;
+        continue;
+      }
+      if (!rows) tables.push((rows = []));
+      rows.push(line.split('|').slice(1, -1).map((c) => c.trim()));
+    }
+    // Drop each table's header and |---| rows.
+    out.set(id, { text, tables: tables.map((t) => t.slice(2)), blocks });
+  }
+  return out;
+}
+
+let docCache: Map<string, DocSection> | undefined;
+function docSection(id: string): DocSection {
+  docCache ??= readDoc();
+  const s = docCache.get(id);
+  if (!s) throw new Error(`PROTOCOL.md has no §${id}`);
+  return s;
+}
+function docBlock(id: string, k = 0): DocBlock {
+  const b = docSection(id).blocks[k];
+  if (!b) throw new Error(`PROTOCOL.md §${id} has no code block ${k + 1}`);
+  return b;
+}
+function docHex(block: DocBlock, name: string): string {
+  const e = block.get(name);
+  if (!e) throw new Error(`the §12 block has no "${name}"`);
+  return e.hex;
+}
+/** The value inside the first `backticks` of a table cell. */
+const ticked = (cell: string) => /`([^`]*)`/.exec(cell)?.[1] ?? `(no value in "${cell}")`;
+const handshakeOf = (b: DocBlock) => ({
+  m1: docHex(b, 'm1'),
+  m2: docHex(b, 'm2'),
+  m3: docHex(b, 'm3'),
+  transcript: docHex(b, 'th'),
+  c2s: { enc: docHex(b, 'c2s enc'), mac: docHex(b, 'c2s mac'), chain0: docHex(b, 'c2s chain0') },
+  s2c: { enc: docHex(b, 's2c enc'), mac: docHex(b, 's2c mac'), chain0: docHex(b, 's2c chain0') },
+});
+const HANDSHAKE_NAMES = ['m1', 'm2', 'm3', 'th', 'c2s enc', 'c2s mac', 'c2s chain0', 's2c enc', 's2c mac', 's2c chain0'];
+
+describe('PROTOCOL.md §12 is what this file checks', () => {
+  test('§12 has the subsections 12.1–12.7, and every code block reads: sizes and "L = n" notes agree with the bytes', () => {
+    expect([...readDoc().keys()]).toEqual(['12.1', '12.2', '12.3', '12.4', '12.5', '12.6', '12.7']);
+    for (const [id, s] of readDoc()) {
+      for (const b of s.blocks) {
+        for (const [name, e] of b) {
+          const l = /^L = (\d+)\b/.exec(e.note);
+          if (l) expect({ id, name, L: Number.parseInt(e.hex.slice(0, 8), 16) }).toEqual({ id, name, L: Number(l[1]) });
+        }
+      }
+    }
+  });
+
+  test('§12.1 lists the long-term keys held here', () => {
+    const rows = docSection('12.1').tables[0]!.map(([label, value]) => [label, ticked(value!)]);
+    expect(rows).toEqual([
+      ['key file F (32 bytes)', KEY_FILE],
+      ['→ K_wrap', KEYFILE_KEYS.wrap],
+      ['→ K_auth', KEYFILE_KEYS.auth],
+      ['passphrase', PASSPHRASE],
+      ['→ scrypt output S', PASSPHRASE_SCRYPT],
+      ['→ K_wrap', PASSPHRASE_KEYS.wrap],
+      ['→ K_auth', PASSPHRASE_KEYS.auth],
+    ]);
+  });
+
+  test('§12.2 lists the draws of the random source held here, which are the counters of this file, and W', () => {
+    const s = docSection('12.2');
+    const rows = s.tables[0]!.map(([draw, size, value]) => [draw, Number(size), ticked(value!)]);
+    const client = counter(CLIENT_RANDOM_START);
+    const server = counter(SERVER_RANDOM_START);
+    const frameIv = counter(FRAME_IV_START);
+    const want: [string, number, string][] = [
+      ['client 1: SK', 32, IN.sk],
+      ['client 2: IV', 16, IN.iv],
+      ['client 3: R_A', 32, IN.ra],
+      ['client 4 (v2): e_C', 32, IN.ec],
+      ['server 1: R_B', 32, IN.rb],
+      ['server 2 (v2): e_S', 32, IN.es],
+      ['c2s frame 1 IV', 16, IN.frameIv1],
+      ['c2s frame 2 IV', 16, IN.frameIv2],
+    ];
+    expect(rows).toEqual(want);
+    const draws = [client(32), client(16), client(32), client(32), server(32), server(32), frameIv(16), frameIv(16)];
+    expect(draws.map(hex)).toEqual(want.map(([, , v]) => v));
+    expect(/W, the wrap of SK under K_wrap with IV \(both versions\): `([0-9a-f]+)`/.exec(s.text)?.[1]).toBe(WRAPPED_SK);
+    const starts =
+      /client counter starts at\s+`0x(\w+)`, the server counter at\s+`0x(\w+)`, the frame-IV counter at\s+`0x(\w+)`/.exec(s.text);
+    expect(starts?.slice(1).map((h) => Number.parseInt(h, 16))).toEqual([CLIENT_RANDOM_START, SERVER_RANDOM_START, FRAME_IV_START]);
+    expect(/frame 1 is DATA `"hello"` \(`([0-9a-f]+)`\)/.exec(s.text)?.[1]).toBe(hex(utf8(IN.payload1)));
+  });
+
+  test.each([
+    ['12.3', 1],
+    ['12.4', 2],
+  ] as const)('§%s lists the version %i handshake and frames held here', (id, version) => {
+    const b = docBlock(id);
+    expect([...b.keys()]).toEqual([...(version === 2 ? ['E_C', 'E_S', 'DH'] : []), ...HANDSHAKE_NAMES, 'frame 1', 'frame 2']);
+    expect({ ...handshakeOf(b), frame1: docHex(b, 'frame 1'), frame2: docHex(b, 'frame 2') }).toEqual(EXPECTED[version]);
+    if (version === 2) expect([docHex(b, 'E_C'), docHex(b, 'E_S'), docHex(b, 'DH')]).toEqual([E_C, E_S, DH]);
+  });
+});
+
+// ---- §12.5–§12.6: a session's frames, both directions ----
+/** A frame as §12.5/§12.6 list it: whole, or (for the largest) by its parts. */
+type FrameView = { frame: string } | { L: string; IV: string; 'ct[0:32]': string; 'ct[L-32:]': string; chain: string };
+const inParts = (r: SessionRecord) => r.payload.length >= LISTED_IN_PARTS;
+
+function frameView(f: Uint8Array, parts: boolean): FrameView {
+  if (!parts) return { frame: hex(f) };
+  const end = f.length - 32;
+  return {
+    L: hex(f.subarray(0, 4)),
+    IV: hex(f.subarray(4, 20)),
+    'ct[0:32]': hex(f.subarray(20, 52)),
+    'ct[L-32:]': hex(f.subarray(end - 32, end)),
+    chain: hex(f.subarray(end)),
+  };
+}
+
+function docFrames(dir: Direction): FrameView[] {
+  const b = docBlock(SESSION[dir].section);
+  return SESSION[dir].records.map((r, i) => {
+    const n = `frame ${i + 1}`;
+    if (!inParts(r)) return { frame: docHex(b, n) };
+    return {
+      L: docHex(b, n),
+      IV: docHex(b, `${n}/IV`),
+      'ct[0:32]': docHex(b, `${n}/ct[0:32]`),
+      'ct[L-32:]': docHex(b, `${n}/ct[L-32:]`),
+      chain: docHex(b, `${n}/chain_${i + 1}`),
+    };
+  });
+}
+
+/** L of §6 from the plaintext length, by the formula (not from channel.ts). */
+const ciphertextLen = (plaintext: number) => 16 * (Math.floor(plaintext / 16) + 1);
+
+/** The code under test seals one direction of the session: the client's c2s sender or the server's s2c sender. */
+function sealByCode(dir: Direction, clientEngine: Engine, serverEngine: Engine): { frames: Uint8Array[]; receiverKeys: DirectionKeys } {
+  const hs = runCode(2, clientEngine, serverEngine);
+  const [engine, send, receiverKeys] =
+    dir === 'c2s' ? [clientEngine, hs.ckeys.send, hs.skeys.recv] : [serverEngine, hs.skeys.send, hs.ckeys.recv];
+  const tx = new ChannelSender(engine, send, counter(SESSION[dir].ivStart));
+  return { frames: SESSION[dir].records.map((r) => tx.seal(RECORD[r.type], r.payload)), receiverKeys };
+}
+
+/**
+ * Open a direction's byte stream the way a session does (§7, §8, as session.ts applies them to the records the
+ * channel delivers): the first record must be CONFIG holding a JSON object of at most MAX_CONFIG bytes, no CONFIG
+ * after it, and the end of stream after the CLOSE is clean.
+ */
+function openAsSession(engine: Engine, keys: DirectionKeys, stream: Uint8Array, chunk: number): [RecordName, string][] {
+  const rx = new ChannelReceiver(engine, keys);
+  const got: [RecordName, string][] = [];
+  const name = (t: RecordType) => (Object.keys(TYPE_BYTE) as RecordName[]).find((k) => TYPE_BYTE[k] === t)!;
+  for (let off = 0; off < stream.length; off += chunk) {
+    rx.push(stream.subarray(off, off + chunk), (type, payload) => {
+      if (got.length === 0) {
+        expect(type).toBe(RECORD.CONFIG);
+        expect(payload.length).toBeLessThanOrEqual(MAX_CONFIG);
+        const v = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(payload));
+        expect(typeof v === 'object' && v !== null && !Array.isArray(v)).toBe(true);
+      } else {
+        expect(type).not.toBe(RECORD.CONFIG);
+      }
+      got.push([name(type), hex(payload)]);
+    });
+  }
+  expect(rx.buffered).toBe(0);
+  expect(() => rx.end()).not.toThrow();
+  return got;
+}
+
+describe.each([
+  ['c2s', 'client → server'],
+  ['s2c', 'server → client'],
+] as const)('§12.5–§12.6 a session, %s (%s)', (dir, _what) => {
+  const { section, ivStart, records } = SESSION[dir];
+
+  test('the record type bytes of §7 are those of channel.ts, and the CONFIG is what a session sends', () => {
+    expect(RECORD).toMatchObject(TYPE_BYTE); // the types these vectors use (a later type may be added)
+    expect(JSON.stringify({ mode: 'stdio' })).toBe(CONFIG_STDIO);
+    const text = docSection(section).text;
+    expect(/`\{"mode":"stdio"\}`(?: = `([0-9a-f]+)`)?/.exec(docSection('12.5').text)?.[1]).toBe(hex(utf8(CONFIG_STDIO)));
+    expect(/(?:starting at|counter starts at) `0x([0-9a-f]{2})`/.exec(text)?.[1]).toBe(ivStart.toString(16).padStart(2, '0'));
+    // Payloads the prose spells out in hex.
+    for (const m of text.matchAll(/`"(\w+)"` \(`([0-9a-f]+)`\)/g)) expect(m[2]).toBe(hex(utf8(m[1]!)));
+    if (dir === 's2c') expect(text).toContain('DATA `"hello"` (`68656c6c6f`)');
+  });
+
+  test('the table lists each record, its payload, plaintext, L and pad as §6 computes them', () => {
+    const rows = docSection(section).tables[0]!;
+    expect(rows).toEqual(
+      records.map((r, i) => {
+        const pt = 1 + r.payload.length;
+        const L = ciphertextLen(pt);
+        return [String(i + 1), r.type, String(r.payload.length), String(pt), String(L), String(L - pt)];
+      }),
+    );
+  });
+
+  test('the block lists chain_0 (the §12.4 chain0 of this direction) and every frame, each exactly once', () => {
+    const b = docBlock(section);
+    const names = ['chain_0'];
+    records.forEach((r, i) => {
+      const n = `frame ${i + 1}`;
+      names.push(n, ...(inParts(r) ? [`${n}/IV`, `${n}/ct[0:32]`, `${n}/ct[L-32:]`, `${n}/chain_${i + 1}`] : []));
+    });
+    expect([...b.keys()]).toEqual(names);
+    expect(docHex(b, 'chain_0')).toBe(V2[dir].chain0);
+    // Whole frames are 52 + L bytes; the L of every frame is the one of the table.
+    records.forEach((r, i) => {
+      const L = ciphertextLen(1 + r.payload.length);
+      expect(docHex(b, `frame ${i + 1}`)).toHaveLength(2 * (inParts(r) ? 4 : 52 + L));
+      expect(Number.parseInt(docHex(b, `frame ${i + 1}`).slice(0, 8), 16)).toBe(L);
+    });
+  });
+
+  test('an independent node:crypto computation from the formulas gives exactly the listed frames', () => {
+    const keys = ref.session(2)[dir];
+    const frames = ref.sequence(keys, ivStart, records);
+    expect(frames.map((f, i) => frameView(f, inParts(records[i]!)))).toEqual(docFrames(dir));
+  });
+
+  test.each(ENGINES.map((e) => [e.name, e] as const))('the code with the %s engine seals exactly the listed frames', (_name, engine) => {
+    const { frames, receiverKeys } = sealByCode(dir, engine, engine);
+    expect(frames.map((f, i) => frameView(f, inParts(records[i]!)))).toEqual(docFrames(dir));
+    expect(hex(receiverKeys.chain0)).toBe(docHex(docBlock(section), 'chain_0'));
+  });
+
+  test('a client and a server on different engines seal the same frames', () => {
+    const views = (c: Engine, s: Engine) => sealByCode(dir, c, s).frames.map((f, i) => frameView(f, inParts(records[i]!)));
+    expect(views(nobleEngine, nativeEngine)).toEqual(docFrames(dir));
+    expect(views(nativeEngine, nobleEngine)).toEqual(docFrames(dir));
+  });
+
+  test.each(ENGINES.map((e) => [e.name, e] as const))(
+    'the %s engine opens the listed frames as a session does: CONFIG first, the records in order, a clean end',
+    (_name, engine) => {
+      const b = docBlock(section);
+      const built = sealByCode(dir, engine, engine);
+      // The listed bytes where the document has the whole frame; the code's frame (checked against its listed parts) else.
+      const stream = Buffer.concat(records.map((r, i) => (inParts(r) ? built.frames[i]! : bytes(docHex(b, `frame ${i + 1}`)))));
+      const want = records.map((r): [RecordName, string] => [r.type, hex(r.payload)]);
+      expect(openAsSession(engine, built.receiverKeys, stream, stream.length)).toEqual(want);
+      expect(openAsSession(engine, built.receiverKeys, stream, 1000)).toEqual(want);
+    },
+  );
+});
+
+// ---- §12.7: a passphrase handshake ----
+describe('§12.7 a version 2 handshake under passphrase keys', () => {
+  let codeKeys: LongTermKeys | undefined;
+  const passphraseKeys = () => (codeKeys ??= keysFromPassphrase(TYPED_PASSPHRASE));
+
+  test('the block lists the passphrase, its NFKC form, S, the long-term keys and the handshake, each exactly once', () => {
+    const b = docBlock('12.7');
+    expect([...b.keys()]).toEqual(['typed', 'P', 'S', 'K_wrap', 'K_auth', ...HANDSHAKE_NAMES]);
+    expect(docHex(b, 'typed')).toBe(hex(utf8(TYPED_PASSPHRASE)));
+    expect(docHex(b, 'P')).toBe(hex(utf8(PASSPHRASE_NFKC)));
+    expect(TYPED_PASSPHRASE.normalize('NFKC')).toBe(PASSPHRASE_NFKC);
+    expect(TYPED_PASSPHRASE).not.toBe(PASSPHRASE_NFKC);
+    // The prose: the code points named, in order (the fullwidth forms, the combining accent, the precomposed é) and
+    // the two spellings in backticks.
+    const text = docSection('12.7').text;
+    const cp = (c: string) => c.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0');
+    const fullwidth = [...TYPED_PASSPHRASE].filter((c) => c.codePointAt(0)! >= 0xff00);
+    expect([...text.matchAll(/U\+([0-9A-F]{4})/g)].map((m) => m[1])).toEqual([...fullwidth.map(cp), '0301', '00E9']);
+    expect(text).toContain('(`' + fullwidth.join('') + '`)');
+    expect(text).toContain('`' + PASSPHRASE_NFKC + '`');
+    expect(text).toContain('a space, `' + TYPED_PASSPHRASE.slice(TYPED_PASSPHRASE.indexOf(' ') + 1, -1) + '` and U+0301');
+  });
+
+  test('node:crypto scrypt and HKDF over the listed P give the listed S and long-term keys', () => {
+    const b = docBlock('12.7');
+    const stretched = scryptSync(bytes(docHex(b, 'P')), utf8('vpn.ts passphrase'), 32, { N: 1 << 16, r: 8, p: 1, maxmem: 256 << 20 });
+    expect(hex(stretched)).toBe(docHex(b, 'S'));
+    const r = ref.longTerm(stretched, 'vpn.ts passphrase');
+    expect({ wrap: hex(r.wrap), auth: hex(r.auth) }).toEqual({ wrap: docHex(b, 'K_wrap'), auth: docHex(b, 'K_auth') });
+  });
+
+  test('the code derives the listed long-term keys from the passphrase as typed', () => {
+    const b = docBlock('12.7');
+    const lt = passphraseKeys();
+    expect({ wrap: hex(lt.wrap), auth: hex(lt.auth) }).toEqual({ wrap: docHex(b, 'K_wrap'), auth: docHex(b, 'K_auth') });
+  });
+
+  test('an independent node:crypto computation of the handshake gives exactly the listed bytes', () => {
+    const b = docBlock('12.7');
+    const lt = { wrap: bytes(docHex(b, 'K_wrap')), auth: bytes(docHex(b, 'K_auth')) };
+    const { frame1: _f1, frame2: _f2, ...handshake } = ref.session(2, lt);
+    expect(handshake).toEqual(handshakeOf(b));
+    // Only the secret changed: the ephemeral keys are those of §12.4, W is the wrap under this K_wrap.
+    expect(docHex(b, 'm1')).toBe('02' + IN.iv + hex(ref.cbc(lt.wrap, bytes(IN.iv), bytes(IN.sk), false)) + IN.ra + E_C);
+    expect(docHex(b, 'm2').slice(0, 128)).toBe(IN.rb + E_S);
+  });
+
+  test.each(ENGINES.map((e) => [e.name, e] as const))('the code with the %s engine reproduces every listed byte', (_name, engine) => {
+    const want = handshakeOf(docBlock('12.7'));
+    const got = runCode(2, engine, engine, passphraseKeys());
+    expect({ m1: hex(got.m1), m2: hex(got.m2), m3: hex(got.m3), transcript: hex(got.transcript) }).toEqual({
+      m1: want.m1,
+      m2: want.m2,
+      m3: want.m3,
+      transcript: want.transcript,
+    });
+    expect(keyHex(got.ckeys.send)).toEqual(want.c2s);
+    expect(keyHex(got.ckeys.recv)).toEqual(want.s2c);
+    expect(keyHex(got.skeys.recv)).toEqual(want.c2s);
+    expect(keyHex(got.skeys.send)).toEqual(want.s2c);
+  });
+
+  test('a client and a server on different engines produce the same bytes', () => {
+    const want = handshakeOf(docBlock('12.7'));
+    for (const [c, s] of [
+      [nobleEngine, nativeEngine],
+      [nativeEngine, nobleEngine],
+    ] as const) {
+      const got = runCode(2, c, s, passphraseKeys());
+      expect([hex(got.m1), hex(got.m2), hex(got.m3), keyHex(got.skeys.send).chain0]).toEqual([want.m1, want.m2, want.m3, want.s2c.chain0]);
+    }
+  });
 });
