@@ -15,9 +15,10 @@
  *             queue, so a FIN never overtakes queued bytes.
  */
 import type { Socket, SocketHandler, SocketListener } from 'bun';
-import { lstatSync, unlinkSync } from 'node:fs';
+import { lstatSync, readdirSync, readFileSync, unlinkSync } from 'node:fs';
 import { type Address, formatAddress } from './address.ts';
 import { VpnError } from './errors.ts';
+import { log } from './log.ts';
 
 // ---- Tuning constants (not part of the protocol) ----
 /** Above this many queued outbound bytes, `write` asks the source to pause; it resumes once the queue is empty. */
@@ -171,6 +172,7 @@ export class Link {
   readonly peer: string;
 
   constructor(readonly socket: Socket<LinkData>) {
+    liveSockets++;
     socket.data = { link: this };
     this.out = new WriteQueue(socket, () => this.drained());
     this.peer = describePeer(socket);
@@ -293,6 +295,7 @@ export class Link {
     if (ev.kind === 'close') {
       if (this.closed) return;
       this.closed = true;
+      liveSockets--;
     }
     if (this.paused || !this.events || this.held.length > 0) {
       this.held.push(ev);
@@ -345,39 +348,116 @@ export interface Listener {
   stop(): void;
 }
 
+// ---- descriptors: accept only while some are left ----
+
+/** Links whose socket is open (accepted and dialled alike): one descriptor each. */
+let liveSockets = 0;
+/** How often a paused listener looks whether descriptors came back, and a running one re-counts what else is open. */
+const FD_POLL_MS = 250;
+
+/** The soft limit on open files (RLIMIT_NOFILE) from /proc/self/limits; Infinity when it cannot be read. */
+function fdLimit(): number {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
+    return m && m[1] !== 'unlimited' ? Number(m[1]) : Infinity;
+  } catch {
+    return Infinity;
+  }
+}
+
+/** Descriptors open in this process right now, or Infinity when even that cannot be found out (none left). */
+function fdsInUse(): number {
+  try {
+    return readdirSync('/proc/self/fd').length - 1; // less the one readdir itself opened
+  } catch (e) {
+    return errCode(e) === 'EMFILE' || errCode(e) === 'ENFILE' ? Infinity : liveSockets;
+  }
+}
+
 /**
  * Listen on a TCP or unix address; `onAccept` gets a Link per accepted socket (events held until it attaches).
  * A unix socket file left behind by a dead server (nothing accepts on it) is replaced; any other file is not.
  * Throws USAGE when the address cannot be used here (in use, not this machine's, permission), NETWORK otherwise.
+ *
+ * Descriptors: when accept fails for lack of them, Bun's listener neither reports it nor backs off — the pending
+ * connection stays readable and the process spins at 100% CPU (measured with `ulimit -n 64`). So the listener never
+ * gets there: it counts its own sockets on top of what else the process holds (re-counted every FD_POLL_MS), and
+ * when fewer than a reserve (an eighth of the limit, 8 to 64) would be left it closes the listening socket, logs one
+ * line, looks again every FD_POLL_MS, and listens again on the same address once twice the reserve is free.
+ * Connections that arrive meanwhile are refused by the kernel (ECONNREFUSED), which a client sees at once.
  */
 export async function listen(addr: Address, onAccept: (link: Link) => void, o: { reusePort?: boolean } = {}): Promise<Listener> {
-  const socket = handler(onAccept);
+  const limit = fdLimit();
+  const reserve = Math.min(64, Math.max(8, Math.floor(limit / 8)));
+  let others = 0; // descriptors that are not live sockets: stdio, the event loop, files, a TUN device
+  const recount = () => {
+    const n = fdsInUse();
+    others = n === Infinity ? limit : Math.max(0, n - liveSockets);
+  };
+  let paused = false;
+  let stopped = false;
+  let poll: ReturnType<typeof setInterval> | null = null;
+  const used = () => others + liveSockets;
+  const socket = handler((link) => {
+    onAccept(link);
+    if (!paused && used() >= limit - reserve) pause();
+  });
+  const bind = (): SocketListener<LinkData> & { port?: number } => {
+    if (addr.kind === 'unix') return Bun.listen<LinkData>({ unix: addr.path, allowHalfOpen: true, data: {}, socket });
+    return Bun.listen<LinkData>({ hostname: addr.host, port, allowHalfOpen: true, data: {}, socket, ...(o.reusePort ? { reusePort: true } : {}) } as never);
+  };
+  let port = addr.kind === 'tcp' ? addr.port : 0;
   if (addr.kind === 'unix') await removeStaleUnixSocket(addr.path);
   let l: SocketListener<LinkData> & { port?: number };
   try {
-    if (addr.kind === 'unix') {
-      l = Bun.listen<LinkData>({ unix: addr.path, allowHalfOpen: true, data: {}, socket });
-    } else {
-      l = Bun.listen<LinkData>({ hostname: addr.host, port: addr.port, allowHalfOpen: true, data: {}, socket, ...(o.reusePort ? { reusePort: true } : {}) } as never);
-    }
+    l = bind();
   } catch (e) {
     throw listenError(addr, e);
   }
-  const address: Address = addr.kind === 'unix' ? addr : { ...addr, port: l.port ?? addr.port };
-  let stopped = false;
+  port = l.port ?? port; // port 0: listen again on the port first chosen
+  const address: Address = addr.kind === 'unix' ? addr : { ...addr, port };
+  const unlinkUnix = () => {
+    if (addr.kind !== 'unix') return;
+    try {
+      unlinkSync(addr.path);
+    } catch {
+      // gone already
+    }
+  };
+  function pause(): void {
+    paused = true;
+    poll?.ref?.(); // with no listening socket, this timer is what keeps the process alive
+    l.stop(false);
+    unlinkUnix();
+    log.warn(`out of file descriptors (${used()} of ${limit} in use): not accepting connections until some close`);
+  }
+  function resume(): void {
+    try {
+      l = bind();
+    } catch {
+      return; // not yet (or the address was taken meanwhile): look again at the next poll
+    }
+    paused = false;
+    poll?.unref?.();
+    log.info(`file descriptors free again (${used()} of ${limit} in use): accepting connections`);
+  }
+  if (limit !== Infinity) {
+    recount();
+    poll = setInterval(() => {
+      recount();
+      if (paused && used() < limit - 2 * reserve) resume();
+      else if (!paused && used() >= limit - reserve) pause();
+    }, FD_POLL_MS);
+    poll.unref?.();
+  }
   return {
     address,
     stop() {
       if (stopped) return;
       stopped = true;
-      l.stop(false);
-      if (addr.kind === 'unix') {
-        try {
-          unlinkSync(addr.path);
-        } catch {
-          // gone already
-        }
-      }
+      if (poll) clearInterval(poll);
+      if (!paused) l.stop(false);
+      unlinkUnix();
     },
   };
 }

@@ -1,7 +1,8 @@
 /**
  * The connection skeleton every mode runs on (spiped's accept loop and `proto_conn`, once):
  *
- *   serve        listen → admit (--max-conns) → one server Session per socket → the mode's CONFIG answer and app
+ *   serve        listen → admit (the pre-auth budget) → one server Session per socket → handshake → count it
+ *                against --max-conns → the mode's CONFIG answer and app
  *   connectOne   dial → one client Session → the mode's app              (stdio and TUN clients)
  *   serveLocal   listen → admit → dial a client Session per local socket  (`connect --local`)
  *
@@ -14,7 +15,7 @@
  */
 import type { Address } from './address.ts';
 import { formatAddress } from './address.ts';
-import { EXIT_NETWORK, EXIT_OK, VpnError } from './errors.ts';
+import { asVpnError, EXIT_NETWORK, EXIT_OK, VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { dial, type Link, listen } from './net.ts';
 import { escapeText, type Json, Session, type SessionApp, type SessionBase } from './session.ts';
@@ -74,13 +75,19 @@ export class ConnLimiter {
     readonly max: number,
     private readonly what: string,
   ) {}
+  get full(): boolean {
+    return this.open >= this.max;
+  }
+  /** Warn, once per burst, that `peer` was refused because the limit is reached. */
+  refuse(peer: string): void {
+    if (this.warned) return;
+    this.warned = true;
+    log.warn(`connection limit reached (--max-conns ${this.max}): refusing new ${this.what} connections, first from ${peer}`);
+  }
   /** Count a new connection in; false (and a warning once per burst) when at the limit. */
   admit(peer: string): boolean {
-    if (this.open >= this.max) {
-      if (!this.warned) {
-        this.warned = true;
-        log.warn(`connection limit reached (--max-conns ${this.max}): refusing new ${this.what} connections, first from ${peer}`);
-      }
+    if (this.full) {
+      this.refuse(peer);
       return false;
     }
     this.open++;
@@ -92,6 +99,154 @@ export class ConnLimiter {
       this.warned = false;
       log.info(`below the connection limit again (${this.open}/${this.max}): accepting ${this.what} connections`);
     }
+  }
+}
+
+// ---- Tuning constants: the pre-auth budget (connections still in the handshake, apart from --max-conns) ----
+/**
+ * Handshakes in progress, all sources together. Each costs one descriptor and a few KiB; a good client needs a slot
+ * for one round trip and a few ms of CPU. At the default 5 s handshake timeout, 512 slots hold 100 slow connections
+ * a second without evicting any; beyond that the oldest is evicted, so a slot still lives 512/rate seconds (2.5 s
+ * at 200/s, 50 ms at 10,000/s) — far longer than a good handshake.
+ */
+export const PREAUTH_MAX = 512;
+/**
+ * Handshakes in progress from one source (an IPv4 address, an IPv6 /64) that has not authenticated lately, and at
+ * most --max-conns: a source cannot use more handshakes at once than sessions it could hold. 64 lets one machine
+ * open a browser's worth of `connect --local` connections at once.
+ */
+export const PREAUTH_PER_SOURCE = 64;
+/** New connections from a source that has not authenticated lately: a token bucket of 64, refilled at 32 a second. */
+export const NEW_BURST = 64;
+export const NEW_PER_SEC = 32;
+/** A source whose client completed a handshake is "known" this long: no rate limit, and evicted last. */
+const KNOWN_MS = 10 * 60_000;
+/** Sources tracked at once (buckets and known sources alike); the oldest idle entry is dropped first. */
+const SOURCES_MAX = 4096;
+
+/** The source of a connection for the pre-auth budget: IPv4 address, IPv6 /64 prefix, or "unix" (local). */
+export function sourceOf(link: Link): string {
+  const a = link.socket.remoteAddress;
+  if (!a) return 'unix';
+  const v4 = /^(?:::ffff:)?(\d+\.\d+\.\d+\.\d+)$/i.exec(a);
+  if (v4) return v4[1]!;
+  const parts = a.split('::');
+  const head = parts[0]!.split(':').filter(Boolean);
+  const tail = parts.length > 1 ? parts[1]!.split(':').filter(Boolean) : [];
+  const groups = [...head, ...Array(Math.max(0, 8 - head.length - tail.length)).fill('0'), ...tail];
+  return `${groups.slice(0, 4).map((g) => g.toLowerCase().replace(/^0+(?=.)/, '')).join(':')}::/64`;
+}
+
+/** One connection in the pre-auth table. */
+interface PreAuthEntry {
+  readonly source: string;
+  readonly known: boolean;
+  /** drop it to make room (the table is full) */
+  evict(): void;
+}
+
+type SourceState = { inFlight: number; tokens: number; at: number; knownUntil: number };
+
+/**
+ * The pre-auth budget of a server: every accepted connection is counted here until its handshake and CONFIG are
+ * done (then it counts against --max-conns instead) or it ends. Per source: at most min(PREAUTH_PER_SOURCE,
+ * --max-conns) handshakes at once and NEW_PER_SEC new connections a second (burst NEW_BURST), unless the source
+ * authenticated within KNOWN_MS. In total: at most PREAUTH_MAX; when full, the oldest handshake from a source that is
+ * not known is evicted to make room (a known source's newcomer may evict a known one too), so a flood of
+ * unauthenticated connections never keeps a good client out. Refusals and evictions are logged rate-limited.
+ */
+export class PreAuth {
+  private readonly table = new Set<PreAuthEntry>();
+  private readonly sources = new Map<string, SourceState>();
+  constructor(
+    private readonly maxConns: number,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  get size(): number {
+    return this.table.size;
+  }
+
+  /** Admit a new connection from `source`: its entry, or null (and a log line, rate-limited) when refused. */
+  admit(source: string, peer: string, evict: () => void): PreAuthEntry | null {
+    const now = this.now();
+    const st = this.source(source, now);
+    const known = source === 'unix' || st.knownUntil > now;
+    if (!known) {
+      st.tokens = Math.min(NEW_BURST, st.tokens + ((now - st.at) * NEW_PER_SEC) / 1000);
+      st.at = now;
+      if (st.tokens < 1) {
+        log.limited('warn', `preauth rate|${source}`, `refusing ${peer}: more than ${NEW_PER_SEC} new connections a second from ${source}, which has not authenticated lately`);
+        return null;
+      }
+      const cap = Math.min(PREAUTH_PER_SOURCE, this.maxConns);
+      if (st.inFlight >= cap) {
+        log.limited(
+          'warn',
+          `preauth source|${source}`,
+          cap === this.maxConns
+            ? `connection limit reached (--max-conns ${cap}) for handshakes from ${source}: refusing ${peer} until one of them completes`
+            : `handshake limit reached for ${source} (${cap} in progress from one address): refusing ${peer} until one of them completes`,
+        );
+        return null;
+      }
+      st.tokens--;
+    }
+    if (this.table.size >= PREAUTH_MAX) {
+      const victim = this.victim(known);
+      if (!victim) {
+        log.limited('warn', 'preauth full', `handshake table full (${PREAUTH_MAX} in progress): refusing ${peer}`);
+        return null;
+      }
+      log.limited('warn', 'preauth full', `handshake table full (${PREAUTH_MAX} in progress): dropping the oldest, from ${victim.source}, to make room for ${peer}`);
+      this.release(victim);
+      victim.evict();
+    }
+    const entry: PreAuthEntry = { source, known, evict };
+    this.table.add(entry);
+    st.inFlight++;
+    return entry;
+  }
+
+  /** The connection's handshake is over (it authenticated, or it ended). Idempotent. */
+  release(entry: PreAuthEntry | null): void {
+    if (!entry || !this.table.delete(entry)) return;
+    const st = this.sources.get(entry.source);
+    if (st) st.inFlight--;
+  }
+
+  /** A client from `source` completed its handshake: known for KNOWN_MS. */
+  authenticated(source: string): void {
+    const st = this.source(source, this.now());
+    st.knownUntil = this.now() + KNOWN_MS;
+    this.sources.delete(source); // re-inserted last: the most recently used entry is the last to be dropped
+    this.sources.set(source, st);
+  }
+
+  /** The oldest entry from a source that is not known; for a known newcomer, else the oldest of all. */
+  private victim(newcomerKnown: boolean): PreAuthEntry | null {
+    let oldest: PreAuthEntry | null = null;
+    for (const e of this.table) {
+      if (!e.known) return e;
+      oldest ??= e;
+    }
+    return newcomerKnown ? oldest : null;
+  }
+
+  private source(source: string, now: number): SourceState {
+    let st = this.sources.get(source);
+    if (st) return st;
+    if (this.sources.size >= SOURCES_MAX) {
+      for (const [k, v] of this.sources) {
+        if (v.inFlight === 0 && (v.knownUntil < now || this.sources.size >= SOURCES_MAX)) {
+          this.sources.delete(k);
+          if (this.sources.size < SOURCES_MAX) break;
+        }
+      }
+    }
+    st = { inFlight: 0, tokens: NEW_BURST, at: now, knownUntil: 0 };
+    this.sources.set(source, st);
+    return st;
   }
 }
 
@@ -184,7 +339,7 @@ class Lifecycle {
 
 export interface ServeOptions {
   listen: Address;
-  /** connections (handshaking or in session) at most; more are refused */
+  /** open sessions at most; more are refused (handshakes in progress have their own budget: PreAuth) */
   maxConns: number;
   /** how long a graceful shutdown lets open sessions run */
   graceMs: number;
@@ -202,19 +357,37 @@ export interface ServeOptions {
  */
 export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Promise<number> {
   const limiter = new ConnLimiter(o.maxConns, 'tunnel');
+  const preauth = new PreAuth(o.maxConns);
   const life = new Lifecycle(o.graceMs, mode.onShutdown);
   const first = Promise.withResolvers<number>();
   const signal = life.watchSignals(); // before the `listening on` line: whoever reads it may signal at once
   const listener = await listen(
     o.listen,
     (link) => {
-      if (life.stopping || !limiter.admit(link.peer)) {
+      // Sessions full: nobody can get in, so no handshake is worth its CPU. Else the pre-auth budget decides.
+      if (life.stopping || limiter.full) {
+        if (!life.stopping) limiter.refuse(link.peer);
+        link.abort();
+        return;
+      }
+      const source = sourceOf(link);
+      const pre = preauth.admit(source, link.peer, () => session.abort(new VpnError('NETWORK', 'handshake dropped to make room: too many handshakes in progress')));
+      if (!pre) {
         link.abort();
         return;
       }
       let app: SessionApp | null = null;
       let refused = false;
+      let counted = false;
+      // The handshake verified and the client's CONFIG came: from here it counts against --max-conns, not pre-auth.
       const config = (peer: Json) => {
+        preauth.release(pre);
+        preauth.authenticated(source);
+        if (!limiter.admit(link.peer)) {
+          refused = true;
+          return new VpnError('NETWORK', `connection limit reached (--max-conns ${limiter.max}); try again later`);
+        }
+        counted = true;
         const answer = mode.config(peer, session);
         if (answer instanceof VpnError) refused = true;
         return answer;
@@ -231,7 +404,8 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
         onPeerClose: () => app!.onPeerClose(),
         onWritable: () => app!.onWritable?.(),
         onEnd: (err) => {
-          limiter.release();
+          preauth.release(pre);
+          if (counted) limiter.release();
           logSessionEnd(session, err, refused);
           app!.onEnd(err);
           life.remove(conn);
@@ -257,49 +431,98 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
   return status;
 }
 
+export interface ConnectOptions {
+  /** before exiting (stdio: until stdout has drained) */
+  beforeExit?: () => Promise<void>;
+  /**
+   * TUN: after an end that is not final — a lost connection, a server that stopped or restarted, a dead peer — dial
+   * again with exponential backoff plus jitter, keeping the mode's state (the interface, its addresses and routes).
+   * A verified refusal, a failed handshake message or a signal still end the run.
+   */
+  reconnect?: boolean;
+}
+
+/** Reconnect backoff: 1 s, doubling to RECONNECT_MAX_MS, each ±25 % jitter; back to the start after a session opened. */
+const RECONNECT_FIRST_MS = 1000;
+export const RECONNECT_MAX_MS = 30_000;
+
+function backoff(attempt: number): number {
+  const base = Math.min(RECONNECT_MAX_MS, RECONNECT_FIRST_MS * 2 ** attempt);
+  return Math.round(base * (0.75 + Math.random() * 0.5));
+}
+
 /**
- * Dial `target` and run one client Session with the mode's app until it ends. On SIGINT/SIGTERM the session is
- * shut down as a server's would be (`graceMs`). Resolves with the exit status; throws NETWORK when it cannot dial.
+ * Dial `target` and run one client Session with the mode's app until it ends (with `reconnect`, one after another).
+ * On SIGINT/SIGTERM the session is shut down as a server's would be (`graceMs`). Resolves with the exit status; throws
+ * NETWORK when it cannot dial (without `reconnect`).
  */
-export async function connectOne(base: SessionBase, target: Address, graceMs: number, mode: Mode, beforeExit?: () => Promise<void>): Promise<number> {
+export async function connectOne(base: SessionBase, target: Address, graceMs: number, mode: Mode, o: ConnectOptions = {}): Promise<number> {
   const life = new Lifecycle(graceMs, mode.onShutdown);
   const signal = life.watchSignals();
+  const stopped = signal.then((sig) => life.shutdown(sig)); // whatever it aborted ends its session with an error
+  const where = formatAddress(target);
   try {
-    const link = await dial(target);
-    const ended = Promise.withResolvers<VpnError | null>();
-    let app: SessionApp | null = null;
-    const session: Session = new Session(link, { ...base, role: 'client', config: (peer) => mode.config(peer, session) }, {
-      onOpen: (s, cfg) => acceptAnswer(mode, s, cfg, () => app!.onOpen(s, cfg)),
-      onData: (p) => app!.onData(p),
-      onPeerClose: () => app!.onPeerClose(),
-      onWritable: () => app!.onWritable?.(),
-      onEnd: (err) => {
-        app!.onEnd(err);
-        life.remove(conn);
-        ended.resolve(err);
-      },
-    });
-    const conn: Conn = { session, abort: (err) => session.abort(err) };
-    app = mode.app(session, link);
-    life.add(conn);
-    link.attach(session);
-    session.start();
-    let graceful = true;
-    void signal.then(async (sig) => {
-      graceful = await life.shutdown(sig);
-    });
-    const err = await ended.promise;
-    await beforeExit?.();
-    if (!err) return EXIT_OK;
-    if (!graceful || life.stopping) {
-      log.error(`vpn: ${formatAddress(target)}: ${session.opened ? err.message : 'interrupted before the session was up'}`);
-      return EXIT_NETWORK;
+    for (let attempt = 0; ; attempt++) {
+      let err: VpnError | null;
+      let opened = false;
+      try {
+        const r = await runClientSession(base, target, mode, life);
+        err = r.err;
+        opened = r.opened;
+      } catch (e) {
+        if (!o.reconnect || life.stopping) throw e;
+        err = asVpnError(e); // could not dial: the server is down or restarting
+      }
+      if (life.stopping) {
+        await o.beforeExit?.();
+        if (!err) return EXIT_OK;
+        log.error(`vpn: ${where}: ${opened ? err.message : 'interrupted before the session was up'}`);
+        return EXIT_NETWORK;
+      }
+      const final = err?.final === true || err?.code === 'USAGE';
+      if (!o.reconnect || final) {
+        await o.beforeExit?.();
+        if (!err) return EXIT_OK;
+        log.error(`vpn: ${where}: ${err.sentence}`);
+        return err.exitStatus;
+      }
+      if (opened) attempt = 0;
+      const delay = backoff(attempt);
+      log.warn(`${err ? err.message : 'the server closed the tunnel (it stopped or is restarting)'}; reconnecting to ${where} in ${(delay / 1000).toFixed(1)} s`);
+      await Promise.race([Bun.sleep(delay), stopped]);
+      if (life.stopping) {
+        await stopped;
+        return EXIT_OK;
+      }
     }
-    log.error(`vpn: ${formatAddress(target)}: ${err.sentence}`);
-    return err.exitStatus;
   } finally {
     life.unwatchSignals();
   }
+}
+
+/** One client session to its end: dial, run, resolve with how it ended. Throws NETWORK when it cannot dial. */
+async function runClientSession(base: SessionBase, target: Address, mode: Mode, life: Lifecycle): Promise<{ err: VpnError | null; opened: boolean }> {
+  const link = await dial(target);
+  const ended = Promise.withResolvers<VpnError | null>();
+  let app: SessionApp | null = null;
+  const session: Session = new Session(link, { ...base, role: 'client', config: (peer) => mode.config(peer, session) }, {
+    onOpen: (s, cfg) => acceptAnswer(mode, s, cfg, () => app!.onOpen(s, cfg)),
+    onData: (p) => app!.onData(p),
+    onPeerClose: () => app!.onPeerClose(),
+    onWritable: () => app!.onWritable?.(),
+    onEnd: (err) => {
+      app!.onEnd(err);
+      life.remove(conn);
+      ended.resolve(err);
+    },
+  });
+  const conn: Conn = { session, abort: (err) => session.abort(err) };
+  app = mode.app(session, link);
+  life.add(conn);
+  link.attach(session);
+  session.start();
+  const err = await ended.promise;
+  return { err, opened: session.opened };
 }
 
 export interface LocalOptions {
