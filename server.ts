@@ -440,6 +440,18 @@ export interface ConnectOptions {
    * A verified refusal, a failed handshake message or a signal still end the run.
    */
   reconnect?: boolean;
+  /**
+   * TUN: sessions carry packets, not a stream. An end the user did not ask for is then a lost server, not a clean
+   * end (exit 1, so that a service manager restarts the client) and not a possibly incomplete stream.
+   */
+  packets?: boolean;
+}
+
+/** How a packet VPN's session end reads: no "data may be incomplete" for a server that went away. */
+function packetEnd(err: VpnError | null): VpnError {
+  if (!err) return new VpnError('NETWORK', 'the server closed the tunnel (it stopped or is restarting)');
+  if (err.code === 'TRUNCATED') return new VpnError('NETWORK', `the connection to the server was lost (${err.message})`);
+  return err;
 }
 
 /** Reconnect backoff: 1 s, doubling to RECONNECT_MAX_MS, each ±25 % jitter; back to the start after a session opened. */
@@ -482,13 +494,14 @@ export async function connectOne(base: SessionBase, target: Address, graceMs: nu
       const final = err?.final === true || err?.code === 'USAGE';
       if (!o.reconnect || final) {
         await o.beforeExit?.();
-        if (!err) return EXIT_OK;
-        log.error(`vpn: ${where}: ${err.sentence}`);
-        return err.exitStatus;
+        const why = o.packets ? packetEnd(err) : err;
+        if (!why) return EXIT_OK;
+        log.error(`vpn: ${where}: ${why.sentence}`);
+        return why.exitStatus;
       }
       if (opened) attempt = 0;
       const delay = backoff(attempt);
-      log.warn(`${err ? err.message : 'the server closed the tunnel (it stopped or is restarting)'}; reconnecting to ${where} in ${(delay / 1000).toFixed(1)} s`);
+      log.warn(`${packetEnd(err).message}; reconnecting to ${where} in ${(delay / 1000).toFixed(1)} s`);
       await Promise.race([Bun.sleep(delay), stopped]);
       if (life.stopping) {
         await stopped;

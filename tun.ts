@@ -71,7 +71,14 @@ export const MAX_PEER_QUEUE = 1024 * 1024;
  * The server's subnet: its own address, and which client holds which host address. Addresses go out lowest first,
  * so an address that was released is the next one handed out.
  */
+/** How long a released address is kept for the client that held it (it asks for it again when it reconnects). */
+export const RESERVE_MS = 10 * 60_000;
+/** At most this many released addresses are remembered (the oldest is forgotten first). */
+const RESERVED_MAX = 4096;
+
 export class AddressPool {
+  /** released addresses and when: kept for their previous holder for RESERVE_MS */
+  private readonly released = new Map<number, number>();
   readonly server: number;
   readonly prefix: number;
   readonly network: number;
@@ -123,22 +130,33 @@ export class AddressPool {
       if (request.addr === this.server) return new VpnError('USAGE', `address ${a} is the server's own address`);
       if (this.used.has(request.addr)) return new VpnError('USAGE', `address ${a} is in use by another client; ask for another or use --tun auto`);
       this.used.add(request.addr);
+      this.released.delete(request.addr);
       return request.addr;
     }
-    // Bounded: at most `used.size + 1` steps past the server's address find a free one, or the subnet is full.
-    for (let a = this.network + 1, steps = 0; a < this.broadcast && steps <= this.used.size + 1; a++) {
-      if (a === this.server) continue;
-      if (!this.used.has(a)) {
-        this.used.add(a);
-        return a;
+    // An address released lately is kept for its previous holder, who asks for it by name when it reconnects
+    // (connect --tun remembers it): a first pass skips those, a second takes one only if nothing else is free.
+    // Bounded: each pass takes at most `used.size + released.size + 1` steps past the server's address.
+    const now = Date.now();
+    for (const respectReserved of [true, false]) {
+      for (let a = this.network + 1, steps = 0; a < this.broadcast && steps <= this.used.size + this.released.size + 1; a++) {
+        if (a === this.server) continue;
+        const at = this.released.get(a);
+        const reserved = respectReserved && at !== undefined && now - at < RESERVE_MS;
+        if (!this.used.has(a) && !reserved) {
+          this.used.add(a);
+          this.released.delete(a);
+          return a;
+        }
+        steps++;
       }
-      steps++;
     }
     return new VpnError('NETWORK', `no free address left in the tunnel subnet ${subnet}`);
   }
 
   release(addr: number): void {
     this.used.delete(addr);
+    this.released.set(addr, Date.now());
+    if (this.released.size > RESERVED_MAX) this.released.delete(this.released.keys().next().value!);
   }
 }
 
@@ -692,12 +710,37 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
   const dev = TunDevice.create(o.name);
   const onExit = () => dev.close();
   process.on('exit', onExit);
-  const request = o.request ? (o.request.prefix === -1 ? formatIPv4(o.request.addr) : formatCidr(o.request)) : null;
-  const request6 = o.request6 ? (o.request6.prefix === -1 ? formatIPv6(o.request6.addr) : formatCidr6(o.request6)) : null;
+  // What the next CONFIG asks for: the user's request first; after a session, the addresses it got, so that a
+  // reconnect (server.ts connectOne with `reconnect`) gets the same ones back from a server that kept them.
+  let request = o.request ? (o.request.prefix === -1 ? formatIPv4(o.request.addr) : formatCidr(o.request)) : null;
+  let request6 = o.request6 ? (o.request6.prefix === -1 ? formatIPv6(o.request6.addr) : formatCidr6(o.request6)) : null;
   const families = o.ipv6 ? [FAMILY4, FAMILY6] : [FAMILY4];
   let dropped = 0;
   let otherFamily = 0;
+  let offline = 0;
   let filter: InboundFilter | null = null;
+  /** the interface's set-up so far (addresses, MTU, routes), to tell a reconnect that changes nothing */
+  let shape: string | null = null;
+  /** the session that packets read from the interface go to; null between sessions (they are dropped) */
+  let current: Session | null = null;
+  let carries4 = false;
+  let carries6 = false;
+  const toTunnel = (p: Uint8Array) => {
+    const sess = current;
+    if (!sess || !sess.sending) {
+      offline++;
+      return;
+    }
+    if (isIPv4(p) ? !carries4 : isIPv6(p) ? !carries6 : true) {
+      otherFamily++;
+      return;
+    }
+    if (sess.queued > MAX_PEER_QUEUE) {
+      dropped++;
+      return;
+    }
+    sess.writeRecord(p);
+  };
   const mode: Mode = {
     onShutdown: 'close',
     config: () => ({ mode: 'tun', request, ...(request6 ? { request6 } : {}), families }),
@@ -714,36 +757,36 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
           if (own4.length && !a.v4) throw new VpnError('USAGE', `--route ${formatCidr(own4[0]!)} is IPv4, and the server's tunnel carries no IPv4`);
           if (own6.length && !a.v6) throw new VpnError('USAGE', `--route ${formatCidr6(own6[0]!)} is IPv6, and the server's tunnel carries no IPv6`);
           const mtu = o.mtu ?? a.mtu;
-          dev.up([a.v4?.address, a.v6?.address].filter((x) => x !== undefined), mtu);
+          const addrs = [a.v4?.address, a.v6?.address].filter((x) => x !== undefined);
           const routes: Prefix[] = [...own4, ...(a.v4?.routes ?? []), ...own6, ...(a.v6?.routes ?? [])];
-          const remote = link.socket.remoteAddress;
-          if (remote) {
-            const outer4 = parseIPv4(remote);
-            const outer6 = outer4 === null ? parseIPv6(remote) : null;
-            const covered = routes.some((r) => (isCidr6(r) ? outer6 !== null && cidr6Contains(r, outer6) : outer4 !== null && cidrContains(r, outer4)));
-            if (covered) dev.pinHostRoute(remote);
+          const next = JSON.stringify([addrs.map(formatPrefix), mtu, routes.map(formatPrefix)]);
+          const again = shape !== null;
+          if (shape !== next) {
+            if (again) dev.readdress(addrs, mtu); // a server that handed out other addresses this time
+            else dev.up(addrs, mtu);
+            const remote = link.socket.remoteAddress;
+            if (remote && !again) {
+              const outer4 = parseIPv4(remote);
+              const outer6 = outer4 === null ? parseIPv6(remote) : null;
+              const covered = routes.some((r) => (isCidr6(r) ? outer6 !== null && cidr6Contains(r, outer6) : outer4 !== null && cidrContains(r, outer4)));
+              if (covered) dev.pinHostRoute(remote);
+            }
+            for (const r of routes) dev.addRoute(r);
+            const from4 = a.v4 ? [network4(a.v4.address), ...own4, ...a.v4.routes] : [];
+            const from6 = a.v6 ? [network6(a.v6.address), ...own6, ...a.v6.routes] : [];
+            filter = new InboundFilter({ v4: a.v4?.address.addr ?? null, v6: a.v6?.address.addr ?? null }, from4, from6);
+            shape = next;
           }
-          for (const r of routes) dev.addRoute(r);
-          const from4 = a.v4 ? [network4(a.v4.address), ...own4, ...a.v4.routes] : [];
-          const from6 = a.v6 ? [network6(a.v6.address), ...own6, ...a.v6.routes] : [];
-          filter = new InboundFilter({ v4: a.v4?.address.addr ?? null, v6: a.v6?.address.addr ?? null }, from4, from6);
-          const carries4 = a.v4 !== null;
-          const carries6 = a.v6 !== null;
-          dev.start((p) => {
-            if (isIPv4(p) ? !carries4 : isIPv6(p) ? !carries6 : true) {
-              otherFamily++;
-              return;
-            }
-            if (sess.queued > MAX_PEER_QUEUE) {
-              dropped++;
-              return;
-            }
-            sess.writeRecord(p);
-          });
+          carries4 = a.v4 !== null;
+          carries6 = a.v6 !== null;
+          if (a.v4) request = formatCidr(a.v4.address);
+          if (a.v6) request6 = formatCidr6(a.v6.address);
+          current = sess;
+          if (!again) dev.start(toTunnel);
           const addresses = [a.v4 && formatCidr(a.v4.address), a.v6 && formatCidr6(a.v6.address)].filter(Boolean).join(' ');
           const servers = [a.v4 && formatIPv4(a.v4.server), a.v6 && formatIPv6(a.v6.server)].filter(Boolean).join(' ');
           const via = routes.length ? `, routes ${routes.map(formatPrefix).join(' ')}` : '';
-          log.info(`tunnel up: ${dev.name} ${addresses}, server ${servers}, mtu ${mtu}${via} (protocol v${sess.version})`);
+          log.info(`tunnel ${again ? 'back ' : ''}up: ${dev.name} ${addresses}, server ${servers}, mtu ${mtu}${via} (protocol v${sess.version})`);
         } catch (e) {
           sess.refuse(asVpnError(e, 'USAGE'));
         }
@@ -752,7 +795,9 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
         if (filter?.check(p)) dev.write(p);
       },
       onPeerClose: () => session.close(),
-      onEnd: () => {},
+      onEnd: () => {
+        if (current === session) current = null;
+      },
     }),
   };
   return {
@@ -763,7 +808,7 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
       const f = filter?.stats;
       if (dev.stats.read + dev.stats.written > 0 || (f && f.malformed + f.otherFamily + f.notForUs + f.badSource > 0)) {
         const inbound = filter ? filter.summary() : 'none';
-        log.info(`tun stats: ${dev.stats.read} packets read from ${dev.name}, ${dev.stats.written} written; dropped outbound: ${dropped} queue full, ${otherFamily} of a family the tunnel does not carry; dropped inbound: ${inbound}; ${dev.stats.writeErrors} refused by the kernel, ${dev.stats.malformed} malformed reads`);
+        log.info(`tun stats: ${dev.stats.read} packets read from ${dev.name}, ${dev.stats.written} written; dropped outbound: ${dropped} queue full, ${otherFamily} of a family the tunnel does not carry, ${offline} while reconnecting; dropped inbound: ${inbound}; ${dev.stats.writeErrors} refused by the kernel, ${dev.stats.malformed} malformed reads`);
       }
     },
   };

@@ -196,6 +196,16 @@ export class TunDevice {
     ip(['link', 'set', 'dev', this.name, 'up']);
   }
 
+  /** A reconnect got other addresses (or another MTU): replace the interface's addresses; its routes stay. */
+  readdress(addresses: Prefix[], mtu: number): void {
+    ip(['addr', 'flush', 'dev', this.name]);
+    ip(['link', 'set', 'dev', this.name, 'mtu', String(mtu)]);
+    for (const a of addresses) {
+      if (isCidr6(a)) ip(['-6', 'addr', 'add', formatPrefix(a), 'dev', this.name, 'nodad']);
+      else ip(['-4', 'addr', 'add', formatPrefix(a), 'dev', this.name]);
+    }
+  }
+
   /** Route `c` (either family) through the interface. */
   addRoute(c: Prefix): void {
     ip([isCidr6(c) ? '-6' : '-4', 'route', 'replace', formatPrefix(c), 'dev', this.name]);

@@ -123,6 +123,9 @@ line chat; otherwise stdin goes to the peer and the peer's bytes to stdout — a
   --mtu N                interface MTU (default: the server's, normally ${DEFAULT_MTU}); below
                          ${MIN_MTU6} the client asks for IPv4 only
   --route CIDR           with --tun, repeatable: send CIDR (IPv4 or IPv6) through the tunnel
+  --no-reconnect         with --tun: exit when the connection to the server ends; by default the
+                         interface, its addresses and routes stay up and the client reconnects
+                         (backoff 1 s doubling to 30 s, with jitter) and asks for the same addresses
 
 ${SECRET_HELP}
 
@@ -174,12 +177,13 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   mtu: { kind: 'string' },
   route: { kind: 'list' },
   'rekey-after': { kind: 'string' },
+  'no-reconnect': { kind: 'boolean' },
 };
 
 const COMMON = ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
 const COMMAND_FLAGS: Record<string, string[]> = {
   serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers'],
-  connect: [...COMMON, 'no-pfs', 'local', 'rekey-after'],
+  connect: [...COMMON, 'no-pfs', 'local', 'rekey-after', 'no-reconnect'],
   keygen: ['help'],
 };
 const COMMANDS = Object.keys(COMMAND_FLAGS);
@@ -542,12 +546,13 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
     const b = await base();
     const t = openTunClient(o);
     try {
-      return await connectOne(b, target, grace, t.mode);
+      return await connectOne(b, target, grace, t.mode, { reconnect: f['no-reconnect'] !== true, packets: true });
     } finally {
       t.close();
     }
   }
   tunFlagsAlone(f, '--tun auto (or --tun ADDR/PREFIX)');
+  refuse(f, ['no-reconnect'], () => '--no-reconnect applies to connect --tun (other modes never reconnect: a stream cannot resume)');
   if (local !== undefined) {
     const localAddr = parseAddress(local, '--local', DEFAULT_HOST);
     const limits = { local: localAddr, server: target, maxConns: maxConns(f), graceMs: grace };
@@ -555,7 +560,7 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
   }
   const base = await sessionBase(f, 'client')();
   const io = new StdioBridge();
-  return await connectOne(base, target, grace, stdioMode(io, 'client'), () => io.drained());
+  return await connectOne(base, target, grace, stdioMode(io, 'client'), { beforeExit: () => io.drained() });
 }
 
 function helpFor(command: string | undefined): string {

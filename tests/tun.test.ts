@@ -34,12 +34,17 @@ const ip = (t: string) => parseCidr(t, 'test', 32).addr;
 const v4 = (t: string) => ({ v4: ip(t), v6: null });
 
 describe('the address pool', () => {
-  test('hands out the lowest free host address, skipping the server, and the same one again once released', () => {
+  test('hands out the lowest free host address, skipping the server; a released one is kept for its previous holder, who gets it by asking', () => {
     const pool = new AddressPool(parseCidr('10.66.0.1/24', 't'));
     expect(formatIPv4(pool.take(null) as number)).toBe('10.66.0.2');
     expect(formatIPv4(pool.take(null) as number)).toBe('10.66.0.3');
     pool.release(ip('10.66.0.2'));
-    expect(formatIPv4(pool.take(null) as number)).toBe('10.66.0.2');
+    expect(formatIPv4(pool.take(null) as number)).toBe('10.66.0.4'); // not the one just released
+    expect(formatIPv4(pool.take(parseCidr('10.66.0.2/24', 't')) as number)).toBe('10.66.0.2'); // its holder, reconnecting
+    const tiny = new AddressPool(parseCidr('10.67.0.1/30', 't')); // one client address only
+    const only = tiny.take(null) as number;
+    tiny.release(only);
+    expect(tiny.take(null)).toBe(only); // kept for its holder only while another address is free
   });
 
   test('gives a requested address once, and refuses it while in use, outside the subnet, or with another prefix', () => {
@@ -790,7 +795,7 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     expect([await a.p.exit(), await b.p.exit(), await srv.exit()]).toEqual([0, 0, 0]);
   });
 
-  test('killing a client removes its interface; the server forgets its route and hands the address out again', async () => {
+  test('killing a client removes its interface; the server forgets its route and keeps the address for it; a stopped server ends a --no-reconnect client with status 1, and the others wait for it', async () => {
     const { p: srv, port } = await startServer();
     const a = await startClient(NS.c1, port);
     const b = await startClient(NS.c2, port);
@@ -802,19 +807,92 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     await srv.waitFor(/client 10\.66\.0\.2 .* gone after .*; address released/);
     expect(ping(NS.c2, '10.66.0.2', 1, 1).received).toBe(0);
     await srv.waitFor(/dropped a packet for unknown destination 10\.66\.0\.2 \(from 10\.66\.0\.3\)/);
-    const again = await startClient(NS.c1, port);
+    const again = await startClient(NS.c1, port, ['--tun', '10.66.0.2', '--no-reconnect']); // asks for it by name
     expect(again.addr).toBe('10.66.0.2');
     expect(ping(NS.c2, '10.66.0.2', 3).received).toBe(3);
-    // the server stops first: its clients get its CLOSE, remove their interfaces and exit 0 on their own
+    // The server stops first: its clients get its CLOSE. One without reconnecting exits 1 saying so (a service
+    // manager restarts it); the other keeps its interface and waits for the server to come back.
     srv.kill('SIGTERM');
-    expect([await srv.exit(), await again.p.exit(), await b.p.exit()]).toEqual([0, 0, 0]);
+    expect([await srv.exit(), await again.p.exit()]).toEqual([0, 1]);
+    expect(again.p.stderr).toMatch(/the server closed the tunnel \(it stopped or is restarting\)/);
+    expect(again.p.stderr).not.toMatch(/may be incomplete/);
+    await b.p.waitFor(/reconnecting to /);
+    expect(tunLinks(NS.c2)).toEqual([b.dev]);
+    b.p.kill('SIGTERM');
+    expect(await b.p.exit()).toBe(0);
     expect([...tunLinks(NS.c1), ...tunLinks(NS.c2), ...tunLinks(NS.srv)]).toEqual([]);
   });
+
+  test('a TUN server restarted twice (SIGTERM, then SIGKILL) under ping and a 64 MiB download: the client keeps its interface and address, reconnects within the backoff bound, and the download completes byte-exact', async () => {
+    const port = nextPort++;
+    const serve = () => vpnIn(NS.srv, ['serve', '--listen', `0.0.0.0:${port}`, '--tun', '10.66.0.1/24', '--key', keyPath, '--engine', 'native']);
+    let srv = serve();
+    await srv.waitFor(/^listening on /m);
+    const cli = await startClient(NS.c1, port, ['--tun', 'auto', '--engine', 'native']);
+    expect(cli.addr).toBe('10.66.0.2');
+    const blob = randomBytes(64 << 20);
+    const www = join(work, 'www-restart');
+    rmSync(www, { recursive: true, force: true });
+    require('node:fs').mkdirSync(www);
+    writeFileSync(join(www, 'blob'), blob);
+    // Bound to every address of the server's namespace, so it serves again when the restarted server's interface
+    // comes back with 10.66.0.1.
+    const http = new Proc(inNetns(NS.srv, ['python3', '-u', '-m', 'http.server', '8081', '--bind', '0.0.0.0', '--directory', www]));
+    try {
+      expect(await until(() => exec(NS.c1, ['curl', '-s', '-o', '/dev/null', '--max-time', '2', 'http://10.66.0.1:8081/']).code === 0, 15000)).toBe(true);
+      // The interface must never disappear: sampled every 50 ms for the whole test.
+      let gone = 0;
+      const watch = setInterval(() => {
+        if (!tunLinks(NS.c1).includes(cli.dev)) gone++;
+      }, 50);
+      const out = join(work, 'got-restart');
+      const curl = new Proc(inNetns(NS.c1, ['curl', '-sS', '--fail', '--retry', '30', '--retry-all-errors', '--retry-delay', '1', '--retry-max-time', '100', '--limit-rate', '8M', '-o', out, 'http://10.66.0.1:8081/blob']));
+      const pinger = new Proc(inNetns(NS.c1, ['ping', '-n', '-i', '0.2', '-w', '60', '10.66.0.1']));
+      const backUps = () => (cli.p.stderr.match(/^tunnel back up: \S+ 10\.66\.0\.2\/24/gm) ?? []).length;
+      await Bun.sleep(1500);
+      // 1: a graceful stop (the client gets the server's CLOSE), and a new server on the same port
+      srv.kill('SIGTERM');
+      expect(await srv.exit()).toBe(0);
+      srv = serve();
+      await srv.waitFor(/^listening on /m);
+      let t0 = Date.now();
+      expect(await until(() => backUps() >= 1, 12_000), cli.p.stderr).toBe(true);
+      const firstMs = Date.now() - t0;
+      await Bun.sleep(1500);
+      // 2: a crash, and a new server
+      srv.kill('SIGKILL');
+      await srv.exit();
+      srv = serve();
+      await srv.waitFor(/^listening on /m);
+      t0 = Date.now();
+      expect(await until(() => backUps() >= 2, 12_000), cli.p.stderr).toBe(true);
+      const secondMs = Date.now() - t0;
+      expect(await curl.exit(120_000), curl.stderr).toBe(0);
+      clearInterval(watch);
+      const got = await Bun.file(out).bytes();
+      expect(got.length).toBe(blob.length);
+      expect(createHash('sha256').update(got).digest('hex')).toBe(createHash('sha256').update(blob).digest('hex'));
+      expect(gone, 'the client interface disappeared').toBe(0);
+      expect(ping(NS.c1, '10.66.0.1', 3).received).toBe(3);
+      expect(cli.p.stderr).toMatch(/the server closed the tunnel \(it stopped or is restarting\); reconnecting/);
+      expect(cli.p.stderr).toMatch(/the connection to the server was lost .*; reconnecting/);
+      expect(cli.p.stderr).not.toMatch(/may be incomplete|modified in transit/);
+      console.log(`tun: reconnected ${firstMs} ms after a graceful restart, ${secondMs} ms after a crash`);
+      pinger.kill('SIGINT');
+      await pinger.exit();
+    } finally {
+      http.kill('SIGKILL');
+    }
+    cli.p.kill('SIGTERM');
+    srv.kill('SIGTERM');
+    expect([await cli.p.exit(), await srv.exit()]).toEqual([0, 0]);
+    expect(tunLinks(NS.c1)).toEqual([]);
+  }, 180_000);
 
   test('--max-conns holds in TUN mode too: a client over the limit is refused with one log line, and the next gets in once a slot is free', async () => {
     const { p: srv, port } = await startServer(['--max-conns', '1']);
     const a = await startClient(NS.c1, port);
-    const over = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', keyPath, '--tun', 'auto']);
+    const over = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', keyPath, '--tun', 'auto', '--no-reconnect']);
     expect(await over.exit()).not.toBe(0);
     expect(over.stderr).not.toContain('tunnel up');
     expect(tunLinks(NS.c2)).toEqual([]);
@@ -822,10 +900,12 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     a.p.kill('SIGTERM');
     expect(await a.p.exit()).toBe(0);
     const b = await startClient(NS.c2, port);
-    expect(b.addr).toBe('10.66.0.2');
-    await Bun.sleep(1000);
+    expect(b.addr).toBe('10.66.0.3'); // 10.66.0.2 is kept for the client that had it
     srv.kill('SIGTERM');
-    expect([await srv.exit(), await b.p.exit()], srv.stderr + b.p.stderr).toEqual([0, 0]);
+    expect(await srv.exit()).toBe(0);
+    await b.p.waitFor(/the server closed the tunnel \(it stopped or is restarting\); reconnecting/);
+    b.p.kill('SIGTERM'); // a signal while it waits to reconnect ends it at once, cleanly
+    expect(await b.p.exit(5000)).toBe(0);
   });
 
   test('a wrong key: no tunnel address, no traffic, exit 3', async () => {
