@@ -333,7 +333,7 @@ export class ServerHandshake implements Handshake {
     if (version === VERSION_2) {
       // S1.4 without the scalar multiplication: a low-order E_C is refused by its encoding (the same set of keys
       // whose DH is all zero), and DH itself waits for S3, after m3 verified — mac2 does not cover it, so a
-      // stranger's message 1 costs one key pair (often a prepared one) and one HMAC (PROTOCOL.md §11, 16).
+      // stranger's message 1 costs one key pair (often a prepared one) and one HMAC (PROTOCOL.md §3 S1.5, §11.18).
       if (isLowOrder(m1.subarray(MSG1_V1_LEN, MSG1_V2_LEN))) throw new VpnError('AUTH_FAILED', 'the client sent an invalid ephemeral key');
       const e = this.o.engine;
       eph = this.o.random ? (() => { const s = rnd(KEY_LEN); return { secretKey: s, publicKey: e.x25519Public(s) }; })() : takeKeyPair(e);
