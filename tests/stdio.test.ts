@@ -419,6 +419,34 @@ describe('acknowledged close: a sender exits 0 only when the peer confirmed ever
     expect(cli.stderr).toMatch(/the peer did not confirm receipt: \d+ bytes unconfirmed/);
   });
 
+  // The client's stream after the handshake (145 bytes): its CONFIG frame, one DATA frame (a 1000-byte upload fits
+  // one), then CLOSE. Frame sizes follow §6: 52 + 16 · (⌊(1 + payload) / 16⌋ + 1).
+  const frameLen = (payload: number) => 52 + 16 * (Math.floor((1 + payload) / 16) + 1);
+  const CONFIG_AT = 113 + 32;
+  const DATA_AT = CONFIG_AT + frameLen(JSON.stringify({ mode: 'stdio', ack: true, rekey: true }).length);
+  const CLOSE_AT = DATA_AT + frameLen(1000);
+  const lastFrames: [string, import('./mitm.ts').Tamper][] = [
+    ['the last DATA frame dropped', { dir: 'c2s', at: DATA_AT, unit: 'frame', framesFrom: CONFIG_AT, action: { kind: 'drop', n: 1 } }],
+    ['the CLOSE frame dropped', { dir: 'c2s', at: CLOSE_AT, unit: 'frame', framesFrom: CONFIG_AT, action: { kind: 'drop', n: 1 } }],
+    ['a reset after the last DATA frame', { dir: 'c2s', at: CLOSE_AT, unit: 'frame', framesFrom: CONFIG_AT, action: { kind: 'reset' } }],
+  ];
+  for (const [name, tamper] of lastFrames) {
+    test(`${name}: the sender does not exit 0 (and the receiver exits 4)`, async () => {
+      using dir = tempDir();
+      const key = await keygen(dir.path);
+      using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--once', '--key', key, '--keepalive', '1'], { stdin: 'pipe' });
+      const port = await srv.listeningPort();
+      using mitm = MitmProxy.start({ target: { port }, tamper: [tamper] });
+      using cli = new VpnProcess(['connect', `127.0.0.1:${mitm.port}`, '--key', key, '--keepalive', '1'], { stdin: 'pipe' });
+      await Promise.all([feedStdin(srv, new Uint8Array(0)), feedStdin(cli, random(1000))]);
+      const [srvCode, cliCode] = await Promise.all([srv.exit(20000), cli.exit(20000)]);
+      expect(mitm.conns[0]?.fired).toBe(true);
+      expect(srvCode, srv.stderr).toBe(4);
+      expect(cliCode, cli.stderr).not.toBe(0);
+      expect(cli.stderr).toMatch(/did not confirm receipt|failed verification|before an authenticated CLOSE/);
+    });
+  }
+
   test('-v says that acknowledged close applies', async () => {
     using dir = tempDir();
     const key = await keygen(dir.path);
