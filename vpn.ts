@@ -76,8 +76,8 @@ keeps listening; each session's bytes go to stdout and come from stdin.
                          (HOST:PORT or unix:/path, resolved per session), instead of stdio
   --proxy-protocol       with --forward: send a PROXY protocol v1 header to ADDR first,
                          naming the tunnel client's address and port
-  --max-conns N          connections at most, handshaking or in session, in every mode;
-                         more are refused (default 100)
+  --max-conns N          sessions at most, in every mode; more are refused at accept
+                         (default 100); handshakes in progress have a budget of their own
   --workers N            with --forward: N worker processes share the TCP port (SO_REUSEPORT),
                          so that one server uses N cores; --max-conns counts per worker
   --require-pfs          refuse clients that offer protocol version 1 (--no-pfs)
