@@ -3,7 +3,9 @@
  * keys, messages 1–3, the traffic keys and frames, for protocol versions 1 and 2: §12.1–§12.4 (key-file and
  * passphrase long-term keys, a v1 and a v2 handshake, two client→server frames each), §12.5–§12.6 (the frames of a
  * real session in both directions under the §12.4 keys: CONFIG first, DATA of 14/15/16/65535/65536 bytes, PING/PONG,
- * CLOSE) and §12.7 (a v2 handshake under passphrase keys, the passphrase changed by NFKC).
+ * CLOSE), §12.7 (a v2 handshake under passphrase keys, the passphrase changed by NFKC) and §12.8 (the ACK of each
+ * direction after its CLOSE, and a rekey with fixed ephemeral secrets: INIT, REPLY, DH', the new s2c keys at REPLY,
+ * DONE, the new c2s keys at DONE, one DATA each way under the new keys).
  *
  * Where the expected hex came from: it was produced once by running handshake.ts/channel.ts with the inputs below
  * and written into PROTOCOL.md §12 (and, for §12.1–§12.4, hard-coded here as well). Each test checks that these
@@ -18,6 +20,7 @@
 import { describe, expect, test } from 'bun:test';
 import {
   createCipheriv,
+  createDecipheriv,
   createHash,
   createHmac,
   createPrivateKey,
@@ -39,7 +42,9 @@ import {
   ServerHandshake,
   type TrafficKeys,
 } from '../handshake.ts';
-import { MAX_CONFIG } from '../session.ts';
+import { readRekey, REKEY_DONE, REKEY_INIT, REKEY_REPLY, rekeyDh, rekeyDirection, rekeyPayload } from '../rekey.ts';
+import { MAX_CONFIG, Session, type SessionApp, type Transport } from '../session.ts';
+import type { VpnError } from '../errors.ts';
 
 const ENGINES: readonly Engine[] = [nobleEngine, nativeEngine];
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
@@ -495,8 +500,8 @@ const handshakeOf = (b: DocBlock) => ({
 const HANDSHAKE_NAMES = ['m1', 'm2', 'm3', 'th', 'c2s enc', 'c2s mac', 'c2s chain0', 's2c enc', 's2c mac', 's2c chain0'];
 
 describe('PROTOCOL.md §12 is what this file checks', () => {
-  test('§12 has the subsections 12.1–12.7, and every code block reads: sizes and "L = n" notes agree with the bytes', () => {
-    expect([...readDoc().keys()]).toEqual(['12.1', '12.2', '12.3', '12.4', '12.5', '12.6', '12.7']);
+  test('§12 has the subsections 12.1–12.8, and every code block reads: sizes and "L = n" notes agree with the bytes', () => {
+    expect([...readDoc().keys()]).toEqual(['12.1', '12.2', '12.3', '12.4', '12.5', '12.6', '12.7', '12.8']);
     for (const [id, s] of readDoc()) {
       for (const b of s.blocks) {
         for (const [name, e] of b) {
@@ -777,4 +782,383 @@ describe('§12.7 a version 2 handshake under passphrase keys', () => {
       expect([hex(got.m1), hex(got.m2), hex(got.m3), keyHex(got.skeys.send).chain0]).toEqual([want.m1, want.m2, want.m3, want.s2c.chain0]);
     }
   });
+});
+
+// ---- §12.8: acknowledged close and rekeying, two continuations of the §12.4–§12.6 session ----
+/** The IV of frame n (from 1, CONFIG first) of a direction: the §12.5/§12.6 counters going on. */
+const ivStartOf = (dir: Direction, n: number) => (SESSION[dir].ivStart + 16 * (n - 1)) & 0xff;
+/** What one side verified of the other's direction: the DATA of that direction's §12.5/§12.6 records. */
+function verifiedData(dir: Direction): { bytes: number; records: number } {
+  const data = SESSION[dir].records.filter((r) => r.type === 'DATA');
+  return { bytes: data.reduce((n, r) => n + r.payload.length, 0), records: data.length };
+}
+/** ACK payload by §7: u64be bytes ‖ u64be records. */
+function ackBytes({ bytes, records }: { bytes: number; records: number }): Buffer {
+  const b = Buffer.alloc(16);
+  b.writeBigUInt64BE(BigInt(bytes), 0);
+  b.writeBigUInt64BE(BigInt(records), 8);
+  return b;
+}
+const REKEY_IN = { ec: '41'.repeat(32), es: '42'.repeat(32), c2sData: 'hello', s2cData: 'world' } as const;
+const ACK_NAMES = [
+  's2c chain_5', 's2c ACK', 's2c frame 6',
+  'c2s chain_8', 'c2s ACK', 'c2s frame 9',
+];
+const REKEY_NAMES = [
+  "e_C'", "e_S'", "E_C'", "E_S'", "DH'", 'c2s chain_1', 's2c chain_1',
+  'INIT', 'c2s frame 2', 'REPLY', 's2c frame 2', "s2c' enc", "s2c' mac", "s2c' chain0",
+  'DONE', 'c2s frame 3', "c2s' enc", "c2s' mac", "c2s' chain0", 'c2s frame 4', 's2c frame 3',
+];
+const docMap = (b: DocBlock) => Object.fromEntries([...b].map(([name, e]) => [name, e.hex]));
+const lastChain = (frame: Uint8Array) => hex(frame.subarray(frame.length - 32));
+const keysHex = (k: DirectionKeys) => ({ enc: hex(k.enc), mac: hex(k.mac), chain0: hex(k.chain0) });
+const primed = (dir: 'c2s' | 's2c', k: { enc: string; mac: string; chain0: string }) => ({
+  [`${dir}' enc`]: k.enc,
+  [`${dir}' mac`]: k.mac,
+  [`${dir}' chain0`]: k.chain0,
+});
+
+/** §12.8 from the formulas with node:crypto only: both blocks, as name → hex. */
+const ref128 = {
+  ack(): Record<string, string> {
+    const out: Record<string, string> = {};
+    for (const [dir, peer] of [['s2c', 'c2s'], ['c2s', 's2c']] as const) {
+      const { records } = SESSION[dir];
+      const chain = lastChain(ref.sequence(V2[dir], SESSION[dir].ivStart, records).at(-1)!);
+      const payload = ackBytes(verifiedData(peer));
+      const n = records.length + 1;
+      out[`${dir} chain_${n - 1}`] = chain;
+      out[`${dir} ACK`] = hex(payload);
+      out[`${dir} frame ${n}`] = hex(ref.sequence({ ...V2[dir], chain0: chain }, ivStartOf(dir, n), [rec('ACK', payload)])[0]!);
+    }
+    return out;
+  },
+  rekey(): Record<string, string> {
+    const [ec, es] = [bytes(REKEY_IN.ec), bytes(REKEY_IN.es)];
+    const EC = ref.pub(ec);
+    const ES = ref.pub(es);
+    const dh = ref.dh(ec, ES);
+    expect(hex(ref.dh(es, EC))).toBe(hex(dh));
+    const config = [rec('CONFIG', utf8(CONFIG_STDIO))];
+    const c1 = lastChain(ref.sequence(V2.c2s, ivStartOf('c2s', 1), config)[0]!);
+    const s1 = lastChain(ref.sequence(V2.s2c, ivStartOf('s2c', 1), config)[0]!);
+    const init = Buffer.concat([Buffer.of(0x01), EC]);
+    const reply = Buffer.concat([Buffer.of(0x02), ES]);
+    const done = Buffer.of(0x03);
+    const frame = (k: { enc: string; mac: string }, chain0: string, dir: Direction, n: number, r: SessionRecord) =>
+      ref.sequence({ ...k, chain0 }, ivStartOf(dir, n), [r])[0]!;
+    const newKeys = (dir: 'c2s' | 's2c', salt: string) => {
+      const okm = ref.hkdf(Buffer.concat([dh, bytes(V2[dir].mac)]), bytes(salt), utf8(`vpn.ts rekey ${dir}`), 96);
+      return { enc: hex(okm.subarray(0, 32)), mac: hex(okm.subarray(32, 64)), chain0: hex(okm.subarray(64)) };
+    };
+    const cf2 = frame(V2.c2s, c1, 'c2s', 2, rec('REKEY', init));
+    const sf2 = frame(V2.s2c, s1, 's2c', 2, rec('REKEY', reply));
+    const s2cNew = newKeys('s2c', lastChain(sf2)); // s2c switches after REPLY: salt = REPLY's chain value
+    const cf3 = frame(V2.c2s, lastChain(cf2), 'c2s', 3, rec('REKEY', done));
+    const c2sNew = newKeys('c2s', lastChain(cf3)); // c2s switches after DONE: salt = DONE's chain value
+    return {
+      "e_C'": hex(ec),
+      "e_S'": hex(es),
+      "E_C'": hex(EC),
+      "E_S'": hex(ES),
+      "DH'": hex(dh),
+      'c2s chain_1': c1,
+      's2c chain_1': s1,
+      INIT: hex(init),
+      'c2s frame 2': hex(cf2),
+      REPLY: hex(reply),
+      's2c frame 2': hex(sf2),
+      ...primed('s2c', s2cNew),
+      DONE: hex(done),
+      'c2s frame 3': hex(cf3),
+      ...primed('c2s', c2sNew),
+      'c2s frame 4': hex(frame(c2sNew, c2sNew.chain0, 'c2s', 4, rec('DATA', utf8(REKEY_IN.c2sData)))),
+      's2c frame 3': hex(frame(s2cNew, s2cNew.chain0, 's2c', 3, rec('DATA', utf8(REKEY_IN.s2cData)))),
+    };
+  },
+};
+
+/** The code under test: both ACK frames, each sealed after its direction's §12.5/§12.6 records. */
+function codeAck(clientEngine: Engine, serverEngine: Engine, doc: Record<string, string>) {
+  const hs = runCode(2, clientEngine, serverEngine);
+  const out: Record<string, string> = {};
+  for (const [dir, engine, keys] of [
+    ['s2c', serverEngine, hs.skeys.send],
+    ['c2s', clientEngine, hs.ckeys.send],
+  ] as const) {
+    const tx = new ChannelSender(engine, keys, counter(SESSION[dir].ivStart));
+    const { records } = SESSION[dir];
+    for (const r of records) tx.seal(RECORD[r.type], r.payload);
+    out[`${dir} chain_${records.length}`] = hex(tx.chainValue);
+    out[`${dir} ACK`] = doc[`${dir} ACK`]!; // the payload session.ts builds is checked by the session test below
+    out[`${dir} frame ${records.length + 1}`] = hex(tx.seal(RECORD.ACK, bytes(doc[`${dir} ACK`]!)));
+  }
+  return { out, hs };
+}
+
+/**
+ * The code under test takes the steps of session.ts's `onRekey` (rekey.ts for the payloads, the DH and the
+ * derivation, channel.ts for the frames and the switch): the client's side on `clientEngine`, the server's on
+ * `serverEngine`. The server's receiver opens the listed c2s frames and the client's the listed s2c frames.
+ */
+function codeRekey(clientEngine: Engine, serverEngine: Engine, doc: Record<string, string>): Record<string, string> {
+  const hs = runCode(2, clientEngine, serverEngine);
+  const ctx = new ChannelSender(clientEngine, hs.ckeys.send, counter(ivStartOf('c2s', 1)));
+  const stx = new ChannelSender(serverEngine, hs.skeys.send, counter(ivStartOf('s2c', 1)));
+  const crx = new ChannelReceiver(clientEngine, hs.ckeys.recv);
+  const srx = new ChannelReceiver(serverEngine, hs.skeys.recv);
+  const oldMac = { c2s: hs.ckeys.send.mac.slice(), s2c: hs.skeys.send.mac.slice() };
+  const config = utf8(CONFIG_STDIO);
+  ctx.seal(RECORD.CONFIG, config);
+  stx.seal(RECORD.CONFIG, config);
+  srx.open(bytes(docHex(docBlock('12.5'), 'frame 1')));
+  crx.open(bytes(docHex(docBlock('12.6'), 'frame 1')));
+  const out: Record<string, string> = { 'c2s chain_1': hex(ctx.chainValue), 's2c chain_1': hex(stx.chainValue) };
+  const ec = bytes(REKEY_IN.ec);
+  const es = bytes(REKEY_IN.es);
+  out["e_C'"] = hex(ec);
+  out["e_S'"] = hex(es);
+  // Client: INIT under the old c2s keys.
+  const init = rekeyPayload(REKEY_INIT, clientEngine.x25519Public(ec));
+  out.INIT = hex(init);
+  out['c2s frame 2'] = hex(ctx.seal(RECORD.REKEY, init));
+  // Server: on INIT, DH', REPLY under the old s2c keys, then s2c switches.
+  const gotInit = srx.open(bytes(doc['c2s frame 2']!));
+  expect(gotInit.type).toBe(RECORD.REKEY);
+  const i = readRekey(gotInit.payload);
+  expect(i.step).toBe(REKEY_INIT);
+  out["E_C'"] = hex(i.pub!);
+  const sdh = rekeyDh(serverEngine, es.slice(), i.pub!);
+  const reply = rekeyPayload(REKEY_REPLY, serverEngine.x25519Public(es));
+  out.REPLY = hex(reply);
+  out['s2c frame 2'] = hex(stx.seal(RECORD.REKEY, reply));
+  const s2cServer = rekeyDirection(sdh, oldMac.s2c, stx.chainValue, 's2c');
+  stx.rekey({ enc: s2cServer.enc.slice(), mac: s2cServer.mac, chain0: s2cServer.chain0 });
+  // Client: on REPLY, DH', s2c switches; DONE under the old c2s keys, then c2s switches.
+  const gotReply = crx.open(bytes(doc['s2c frame 2']!));
+  const r = readRekey(gotReply.payload);
+  expect([gotReply.type, r.step]).toEqual([RECORD.REKEY, REKEY_REPLY]);
+  out["E_S'"] = hex(r.pub!);
+  const cdh = rekeyDh(clientEngine, ec.slice(), r.pub!);
+  out["DH'"] = hex(cdh);
+  expect(hex(sdh)).toBe(hex(cdh));
+  const s2cClient = rekeyDirection(cdh, oldMac.s2c, crx.chainValue, 's2c');
+  Object.assign(out, primed('s2c', keysHex(s2cClient)));
+  expect(keysHex(s2cServer)).toEqual(keysHex(s2cClient));
+  crx.rekey({ ...s2cClient, enc: s2cClient.enc.slice() });
+  const done = rekeyPayload(REKEY_DONE);
+  out.DONE = hex(done);
+  out['c2s frame 3'] = hex(ctx.seal(RECORD.REKEY, done));
+  const c2sClient = rekeyDirection(cdh, oldMac.c2s, ctx.chainValue, 'c2s');
+  Object.assign(out, primed('c2s', keysHex(c2sClient)));
+  ctx.rekey({ ...c2sClient, enc: c2sClient.enc.slice() });
+  // Server: on DONE, c2s switches.
+  const gotDone = srx.open(bytes(doc['c2s frame 3']!));
+  expect([gotDone.type, readRekey(gotDone.payload).step]).toEqual([RECORD.REKEY, REKEY_DONE]);
+  const c2sServer = rekeyDirection(sdh, oldMac.c2s, srx.chainValue, 'c2s');
+  expect(keysHex(c2sServer)).toEqual(keysHex(c2sClient));
+  srx.rekey(c2sServer);
+  // One DATA each way under the new keys, sealed by the code and the listed ones opened by the code.
+  out['c2s frame 4'] = hex(ctx.seal(RECORD.DATA, utf8(REKEY_IN.c2sData)));
+  out['s2c frame 3'] = hex(stx.seal(RECORD.DATA, utf8(REKEY_IN.s2cData)));
+  const d1 = srx.open(bytes(doc['c2s frame 4']!));
+  const d2 = crx.open(bytes(doc['s2c frame 3']!));
+  expect([d1.type, hex(d1.payload), d2.type, hex(d2.payload)]).toEqual([
+    RECORD.DATA,
+    hex(utf8(REKEY_IN.c2sData)),
+    RECORD.DATA,
+    hex(utf8(REKEY_IN.s2cData)),
+  ]);
+  return out;
+}
+
+const ENGINE_PAIRS = [
+  [nobleEngine, nobleEngine],
+  [nativeEngine, nativeEngine],
+  [nobleEngine, nativeEngine],
+  [nativeEngine, nobleEngine],
+] as const;
+const pairName = ([c, s]: readonly [Engine, Engine]) => `client ${c.name}, server ${s.name}`;
+
+describe('§12.8 acknowledged close and rekeying', () => {
+  const ackDoc = () => docMap(docBlock('12.8', 0));
+  const rekeyDoc = () => docMap(docBlock('12.8', 1));
+
+  test('the blocks list each value exactly once, and the prose states the inputs this file uses', () => {
+    const s = docSection('12.8');
+    expect(s.blocks.length).toBe(2);
+    expect(Object.keys(ackDoc())).toEqual(ACK_NAMES);
+    expect(Object.keys(rekeyDoc())).toEqual(REKEY_NAMES);
+    const t = s.text.replace(/\s+/g, ' ');
+    expect(t).toContain(`a c2s frame n has the 16 bytes from 0x${SESSION.c2s.ivStart.toString(16)} + 16 · (n − 1)`);
+    expect(t).toContain(`an s2c frame n those from 0x${SESSION.s2c.ivStart.toString(16)} + 16 · (n − 1)`);
+    expect(t).toContain(`e_C' = 32 bytes \`0x${REKEY_IN.ec.slice(0, 2)}\``);
+    expect(t).toContain(`e_S' = 32 bytes \`0x${REKEY_IN.es.slice(0, 2)}\``);
+    expect(t).toContain(`ACK \`0x0${TYPE_BYTE.ACK}\` or REKEY \`0x0${TYPE_BYTE.REKEY}\``);
+    expect(t).toContain(`DATA \`"${REKEY_IN.c2sData}"\` (\`${hex(utf8(REKEY_IN.c2sData))}\`) under c2s'`);
+    expect(t).toContain(`DATA \`"${REKEY_IN.s2cData}"\` (\`${hex(utf8(REKEY_IN.s2cData))}\`) under s2c'`);
+    const c = verifiedData('c2s');
+    const sv = verifiedData('s2c');
+    const sizes = SESSION.c2s.records.filter((r) => r.type === 'DATA').map((r) => r.payload.length);
+    expect(t).toContain(`${sizes.join(' + ')} = ${c.bytes} bytes in ${c.records} records`);
+    expect(t).toContain(`${sv.bytes} bytes in ${sv.records} records`);
+    expect(t).toContain(`ACK as s2c frame ${SESSION.s2c.records.length + 1}, extending chain_${SESSION.s2c.records.length} of §12.6`);
+    expect(t).toContain(`ACK as c2s frame ${SESSION.c2s.records.length + 1}, extending chain_${SESSION.c2s.records.length} of §12.5`);
+    expect(t).toContain('info = `"vpn.ts rekey s2c"`');
+    expect(t).toContain('info = `"vpn.ts rekey c2s"`');
+    // The chain values these continue from are the listed ones of §12.5 and §12.6.
+    const tail = (id: string, n: string) => docHex(docBlock(id), n).slice(-64);
+    expect(ackDoc()['s2c chain_5']).toBe(tail('12.6', 'frame 5'));
+    expect(ackDoc()['c2s chain_8']).toBe(tail('12.5', 'frame 8'));
+    expect(rekeyDoc()['c2s chain_1']).toBe(tail('12.5', 'frame 1'));
+    expect(rekeyDoc()['s2c chain_1']).toBe(tail('12.6', 'frame 1'));
+  });
+
+  test('an independent node:crypto computation from the formulas gives exactly the listed ACK payloads and frames', () => {
+    expect(ref128.ack()).toEqual(ackDoc());
+  });
+
+  test('an independent node:crypto computation from the formulas of §7 gives exactly the listed rekey', () => {
+    expect(ref128.rekey()).toEqual(rekeyDoc());
+  });
+
+  test.each(ENGINE_PAIRS.map((p) => [pairName(p), p] as const))('the code (%s) seals the listed ACK frames, and opens them after CLOSE with a clean end', (_n, [c, s]) => {
+    const doc = ackDoc();
+    const { out, hs } = codeAck(c, s, doc);
+    expect(out).toEqual(doc);
+    for (const [dir, engine, keys] of [
+      ['s2c', c, hs.ckeys.recv],
+      ['c2s', s, hs.skeys.recv],
+    ] as const) {
+      const { records } = SESSION[dir];
+      const tx = new ChannelSender(dir === 's2c' ? s : c, dir === 's2c' ? hs.skeys.send : hs.ckeys.send, counter(SESSION[dir].ivStart));
+      const stream = Buffer.concat([...records.map((r) => tx.seal(RECORD[r.type], r.payload)), bytes(doc[`${dir} frame ${records.length + 1}`]!)]);
+      const got = openAsSession(engine, keys, stream, 1000);
+      expect(got).toEqual([...records.map((r): [RecordName, string] => [r.type, hex(r.payload)]), ['ACK', doc[`${dir} ACK`]!]]);
+    }
+  });
+
+  test.each(ENGINE_PAIRS.map((p) => [pairName(p), p] as const))('the code (%s) takes the rekey steps of §7 and gives exactly the listed values', (_n, [c, s]) => {
+    const doc = rekeyDoc();
+    expect(codeRekey(c, s, doc)).toEqual(doc);
+  });
+});
+
+/** A transport for the session test below: each write is handed to the peer in order (a microtask later) and kept. */
+class Wire implements Transport {
+  other!: Wire;
+  session!: Session;
+  readonly sent: Uint8Array[] = [];
+  readonly queued = 0;
+  readonly empty = true;
+  readonly peer = 'wire';
+  write(data: Uint8Array): boolean {
+    const copy = data.slice();
+    this.sent.push(copy);
+    queueMicrotask(() => this.other.session.onData(copy.slice()));
+    return true;
+  }
+  pause(): void {}
+  resume(): void {}
+  shutdown(): void {
+    queueMicrotask(() => this.other.session.onEnd());
+  }
+  close(): void {}
+  abort(): void {}
+}
+
+describe('§12.8 and session.ts', () => {
+  test.each(ENGINES.map((e) => [e.name, e] as const))(
+    'two sessions (%s engine) with the listed ephemeral secrets send the listed INIT, REPLY and DONE, switch keys where the formula says, and send the listed ACKs',
+    async (_name, engine) => {
+      const ack = docMap(docBlock('12.8', 0));
+      const rk = docMap(docBlock('12.8', 1));
+      // x25519Keygen gives the listed e_C' (client) and e_S' (server) once armed, after the handshake.
+      const armed = { client: false, server: false };
+      const eng = (side: 'client' | 'server', secret: string): Engine => ({
+        ...engine,
+        x25519Keygen: () => {
+          if (!armed[side]) return engine.x25519Keygen();
+          armed[side] = false;
+          return { secretKey: bytes(secret), publicKey: engine.x25519Public(bytes(secret)) };
+        },
+      });
+      const [cw, sw] = [new Wire(), new Wire()];
+      cw.other = sw;
+      sw.other = cw;
+      const traces = { client: [] as string[], server: [] as string[] };
+      const ended = { client: Promise.withResolvers<VpnError | null>(), server: Promise.withResolvers<VpnError | null>() };
+      const app = (side: 'client' | 'server'): SessionApp => ({
+        onOpen() {},
+        onData() {},
+        onPeerClose() {},
+        onEnd: (err) => ended[side].resolve(err),
+      });
+      const base = { keys: keysFromKeyFile(bytes(KEY_FILE)), handshakeTimeoutMs: 5000, keepaliveMs: 0, config: () => ({ mode: 'stdio' }) };
+      const server = new Session(sw, { ...base, role: 'server', engine: eng('server', rk["e_S'"]!), trace: (l) => traces.server.push(l) }, app('server'));
+      const client = new Session(cw, { ...base, role: 'client', engine: eng('client', rk["e_C'"]!), trace: (l) => traces.client.push(l) }, app('client'));
+      cw.session = client;
+      sw.session = server;
+      server.start();
+      client.start();
+      const until = async (cond: () => boolean) => {
+        for (let i = 0; i < 500 && !cond(); i++) await Bun.sleep(2);
+        return cond();
+      };
+      expect(await until(() => client.phase === 'open' && server.phase === 'open')).toBe(true);
+      armed.client = armed.server = true;
+      client.startRekey();
+      expect(await until(() => client.rekeyCount === 1 && server.rekeyCount === 1)).toBe(true);
+      // The DATA of §12.5 one way and of §12.6 the other, then both CLOSEs: each side's ACK counts what it verified.
+      for (const r of SESSION.c2s.records) if (r.type === 'DATA') expect(client.writeRecord(r.payload)).toBe(true);
+      for (const r of SESSION.s2c.records) if (r.type === 'DATA') expect(server.writeRecord(r.payload)).toBe(true);
+      client.close();
+      server.close();
+      expect([await ended.client.promise, await ended.server.promise]).toEqual([null, null]);
+
+      // Open each direction from the wire with node:crypto only: the traffic keys as traced, then the keys of
+      // §7 at the REPLY (s2c) and at the DONE (c2s), from the listed DH' and the chain value of that frame.
+      const traced = (dir: Direction) => {
+        const v = (what: string) => new RegExp(`^handshake ${dir} ${what} \\(32\\): ([0-9a-f]{64})$`, 'm').exec(traces.client.join('\n'))![1]!;
+        return { enc: v('enc key'), mac: v('mac key'), chain0: v('chain0') };
+      };
+      const open = (dir: Direction, writes: Uint8Array[]) => {
+        let k = traced(dir);
+        let chain = k.chain0;
+        const got: [number, string][] = [];
+        const switched: { enc: string; mac: string; chain0: string }[] = [];
+        for (const f of writes) {
+          const L = Buffer.from(f).readUInt32BE(0);
+          expect(f.length).toBe(52 + L);
+          const head = f.subarray(0, 20 + L);
+          const tag = hex(ref.hmac(bytes(k.mac), bytes(chain), head));
+          expect(hex(f.subarray(20 + L))).toBe(tag);
+          chain = tag;
+          const d = createDecipheriv('aes-256-cbc', bytes(k.enc), f.subarray(4, 20));
+          const pt = Buffer.concat([d.update(f.subarray(20, 20 + L)), d.final()]);
+          got.push([pt[0]!, hex(pt.subarray(1))]);
+          if (pt[0] === TYPE_BYTE.REKEY && pt[1] === (dir === 's2c' ? 0x02 : 0x03)) {
+            const okm = ref.hkdf(Buffer.concat([bytes(rk["DH'"]!), bytes(k.mac)]), bytes(chain), utf8(`vpn.ts rekey ${dir}`), 96);
+            k = { enc: hex(okm.subarray(0, 32)), mac: hex(okm.subarray(32, 64)), chain0: hex(okm.subarray(64)) };
+            chain = k.chain0;
+            switched.push(k);
+          }
+        }
+        return { got, switched };
+      };
+      // Client writes: message 1, message 3, then frames; server writes: message 2, then frames.
+      const c2s = open('c2s', cw.sent.slice(2));
+      const s2c = open('s2c', sw.sent.slice(1));
+      const rekeys = (dir: Direction) => (dir === 'c2s' ? c2s : s2c).got.filter(([t]) => t === TYPE_BYTE.REKEY).map(([, p]) => p);
+      expect(rekeys('c2s')).toEqual([rk.INIT!, rk.DONE!]);
+      expect(rekeys('s2c')).toEqual([rk.REPLY!]);
+      const acks = (dir: Direction) => (dir === 'c2s' ? c2s : s2c).got.filter(([t]) => t === TYPE_BYTE.ACK).map(([, p]) => p);
+      expect(acks('s2c')).toEqual([ack['s2c ACK']!]);
+      expect(acks('c2s')).toEqual([ack['c2s ACK']!]);
+      // Both sessions traced the new keys the formula gives: s2c first, then c2s.
+      const want = [s2c.switched[0]!, c2s.switched[0]!].map((k, i) => `rekey: new ${i === 0 ? 's2c' : 'c2s'} keys enc=${k.enc} mac=${k.mac} chain0=${k.chain0}`);
+      for (const side of ['client', 'server'] as const) expect(traces[side].filter((l) => l.startsWith('rekey: new'))).toEqual(want);
+      expect([c2s.switched.length, s2c.switched.length]).toEqual([1, 1]);
+    },
+  );
 });
