@@ -42,7 +42,7 @@ import { asVpnError, VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { type Mode, modeName } from './server.ts';
 import { escapeText, type Json, type Session } from './session.ts';
-import { ipv4Dst, ipv4Src, ipv6Dst, ipv6Src, isIPv4, isIPv6, packetLength, TunDevice } from './tundevice.ts';
+import { hostNetworks, type HostNetworks, ipv4Dst, ipv4Src, ipv6Dst, ipv6Src, isIPv4, isIPv6, packetLength, removeStalePins, TunDevice } from './tundevice.ts';
 
 // ---- MTU: one inner packet should fit one outer TCP segment on a 1500-byte path ----
 export const PATH_MTU = 1500;
@@ -637,8 +637,10 @@ export interface TunClientOptions {
   name: string;
   /** overrides the server's MTU */
   mtu?: number;
-  /** sent through the tunnel besides the server's, either family */
+  /** sent through the tunnel besides the server's, either family (0.0.0.0/0 and ::/0 go in as their two halves) */
   routes: Prefix[];
+  /** `--accept-routes`: install the routes the server pushes (those that pass routePlan's checks) */
+  acceptRoutes?: boolean;
 }
 
 /** The server's answer, checked: one part per family it gave the client. */
@@ -646,6 +648,110 @@ export interface TunAnswer {
   v4: { address: Cidr; server: number; routes: Cidr[] } | null;
   v6: { address: Cidr6; server: bigint; routes: Cidr6[] } | null;
   mtu: number;
+}
+
+/** The network of `c` (host bits cleared). */
+const network4 = (c: Cidr): Cidr => ({ addr: (c.addr & maskOf(c.prefix)) >>> 0, prefix: c.prefix });
+const network6 = (c: Cidr6): Cidr6 => ({ v6: true, addr: c.addr & maskOf6(c.prefix), prefix: c.prefix });
+
+/**
+ * The prefixes a client takes for its tunnel address (§8.5). IPv4: /8 at the widest (a wider one would make most of
+ * the address space "on the link" of the tunnel, a default route in disguise) to /30 (the narrowest with a server
+ * and a client besides network and broadcast). IPv6: /64 at the widest (the usual subnet, RFC 4291 §2.5.1 and
+ * RFC 7421; a wider "on-link" prefix captures whole sites or all of 2000::/3) to /126 (the narrowest our server's
+ * pool has room in, since it never hands out the subnet's first, anycast, address; /127 and /128 leave none).
+ */
+export const MIN_PREFIX4 = 8;
+export const MAX_PREFIX4 = 30;
+export const MIN_PREFIX6 = 64;
+export const MAX_PREFIX6 = 126;
+/** Pushed routes wider than these are default routes in disguise (0.0.0.0/1 + 128.0.0.0/1) and are never installed. */
+export const MIN_PUSHED_PREFIX4 = 8;
+export const MIN_PUSHED_PREFIX6 = 16;
+
+/** Whether prefixes `a` and `b` (either family) share any address: one contains the other. */
+export function overlaps(a: Prefix, b: Prefix): boolean {
+  if (isCidr6(a) !== isCidr6(b)) return false;
+  const p = Math.min(a.prefix, b.prefix);
+  if (isCidr6(a)) return (a.addr & maskOf6(p)) === ((b as Cidr6).addr & maskOf6(p));
+  return ((a.addr & maskOf(p)) >>> 0) === (((b as Cidr).addr & maskOf(p)) >>> 0);
+}
+
+const isDefault = (c: Prefix) => c.prefix === 0;
+
+/** The user's own routes as installed: 0.0.0.0/0 as 0.0.0.0/1 and 128.0.0.0/1, ::/0 as ::/1 and 8000::/1 (no existing default route is touched; the halves are more specific and win), duplicates once. */
+export function expandOwnRoutes(routes: Prefix[]): Prefix[] {
+  const out: Prefix[] = [];
+  const seen = new Set<string>();
+  for (const r of routes) {
+    const parts: Prefix[] = !isDefault(r)
+      ? [r]
+      : isCidr6(r)
+        ? [{ v6: true, addr: 0n, prefix: 1 }, { v6: true, addr: 1n << 127n, prefix: 1 }]
+        : [{ addr: 0, prefix: 1 }, { addr: 0x80000000, prefix: 1 }];
+    for (const p of parts) {
+      const k = formatPrefix(p);
+      if (!seen.has(k)) {
+        seen.add(k);
+        out.push(p);
+      }
+    }
+  }
+  return out;
+}
+
+/** What a client installs for one answer, and what it leaves out and why. */
+export interface RoutePlan {
+  /** the routes to have through the interface: the user's own (expanded) and the pushed ones accepted */
+  install: Prefix[];
+  /** pushed routes left out, each with the reason (our own text: the prefixes are parsed and formatted again) */
+  skipped: { route: Prefix; why: string }[];
+  /** pushed routes ignored as a whole (no --accept-routes) */
+  ignored: Prefix[];
+}
+
+/**
+ * The client's policy for the server's answer `a` on a host with `host` (its routes and addresses before the tunnel,
+ * the tunnel's own interface left out). Throws USAGE when the tunnel address itself cannot be taken: its subnet
+ * overlaps an address or a route (other than a default route) the host has. Pushed routes go in only with `accept`,
+ * and then never a default route or one wider than /8 (IPv6: /16), never one overlapping the tunnel subnets, an
+ * address of the host or a route of the host other than its default route (the tunnel's more specific route
+ * would take that traffic away); a duplicate of the user's own is left out silently.
+ */
+export function routePlan(a: TunAnswer, own: Prefix[], accept: boolean, host: HostNetworks): RoutePlan {
+  const tunnel: Prefix[] = [a.v4 && network4(a.v4.address), a.v6 && network6(a.v6.address)].filter((x) => x !== null);
+  const hostClash = (c: Prefix): string | null => {
+    for (const h of host.addrs) if (overlaps(c, h.prefix)) return `this host's address ${formatPrefix(h.prefix)} on ${h.dev}`;
+    for (const r of host.routes) if (!isDefault(r.prefix) && overlaps(c, r.prefix)) return `this host's route ${formatPrefix(r.prefix)}${r.dev ? ` via ${r.dev}` : ''}`;
+    return null;
+  };
+  for (const t of tunnel) {
+    const clash = hostClash(t);
+    if (clash) throw new VpnError('USAGE', `the server handed out a tunnel address in ${formatPrefix(t)}, which overlaps ${clash}; refusing it (give the server another subnet, or ask for another with --tun)`);
+  }
+  const install = expandOwnRoutes(own);
+  const pushed: Prefix[] = [...(a.v4?.routes ?? []), ...(a.v6?.routes ?? [])];
+  if (!accept) return { install, skipped: [], ignored: pushed };
+  const skipped: RoutePlan['skipped'] = [];
+  const have = new Set(install.map(formatPrefix));
+  for (const r of pushed) {
+    const k = formatPrefix(r);
+    if (have.has(k)) continue;
+    let why: string | null = null;
+    if (isDefault(r)) why = 'a default route is never taken from a server (route everything yourself with --route ' + (isCidr6(r) ? '::/0' : '0.0.0.0/0') + ')';
+    else if (r.prefix < (isCidr6(r) ? MIN_PUSHED_PREFIX6 : MIN_PUSHED_PREFIX4)) why = `it is wider than /${isCidr6(r) ? MIN_PUSHED_PREFIX6 : MIN_PUSHED_PREFIX4}, a default route in all but name`;
+    else {
+      const t = tunnel.find((x) => overlaps(r, x));
+      why = t ? `it overlaps the tunnel subnet ${formatPrefix(t)}` : hostClash(r) && `it overlaps ${hostClash(r)}`;
+    }
+    if (why) skipped.push({ route: r, why });
+    else {
+      have.add(k);
+      install.push(r);
+    }
+  }
+  // IPv4 first, then IPv6; the user's own before the pushed ones within each family
+  return { install: [...install.filter((r) => !isCidr6(r)), ...install.filter(isCidr6)], skipped, ignored: [] };
 }
 
 function routeList<T>(value: unknown, field: string, parse: (t: string) => T): T[] {
@@ -671,8 +777,14 @@ export function readTunAnswer(peer: Json, asked6: boolean): TunAnswer {
     let v4: TunAnswer['v4'] = null;
     if (has4) {
       const address = parseCidr(String(peer.address), 'address');
+      if (address.prefix < MIN_PREFIX4 || address.prefix > MAX_PREFIX4) throw new Error(`address needs a prefix from /${MIN_PREFIX4} to /${MAX_PREFIX4}, got ${formatCidr(address)}`);
+      const net = network4(address);
+      const broadcast = (net.addr | ~maskOf(address.prefix)) >>> 0;
+      if (address.addr === net.addr || address.addr === broadcast) throw new Error(`address ${formatCidr(address)} is not a host address of its subnet`);
       const server = parseIPv4(String(peer.server));
       if (server === null) throw new Error('server must be an IPv4 address');
+      if (!cidrContains(net, server) || server === net.addr || server === broadcast) throw new Error(`server ${formatIPv4(server)} is not a host address of the subnet ${formatCidr(net)} of address ${formatCidr(address)}`);
+      if (server === address.addr) throw new Error(`address ${formatCidr(address)} is the server's own`);
       v4 = { address, server, routes: routeList(peer.routes, 'routes', (t) => parseRoute(t, 'route')) };
     }
     let v6: TunAnswer['v6'] = null;
@@ -680,9 +792,13 @@ export function readTunAnswer(peer: Json, asked6: boolean): TunAnswer {
       if (!asked6) throw new Error('address6 was sent, but this client asked for IPv4 only');
       if (mtu < MIN_MTU6) throw new Error(`mtu must be at least ${MIN_MTU6} with IPv6, got ${mtu}`);
       const address = parseCidr6(String(peer.address6), 'address6');
-      if (address.prefix < 1 || address.prefix > 127) throw new Error('address6 needs a prefix from /1 to /127');
+      if (address.prefix < MIN_PREFIX6 || address.prefix > MAX_PREFIX6) throw new Error(`address6 needs a prefix from /${MIN_PREFIX6} to /${MAX_PREFIX6}, got ${formatCidr6(address)}`);
+      const net = network6(address);
+      if (address.addr === net.addr) throw new Error(`address6 ${formatCidr6(address)} is its subnet's first (Subnet-Router anycast) address`);
       const server = parseIPv6(String(peer.server6));
       if (server === null) throw new Error('server6 must be an IPv6 address');
+      if (!cidr6Contains(net, server) || server === net.addr) throw new Error(`server6 ${formatIPv6(server)} is not a host address of the subnet ${formatCidr6(net)} of address6 ${formatCidr6(address)}`);
+      if (server === address.addr) throw new Error(`address6 ${formatCidr6(address)} is the server's own`);
       const route6 = (t: string) => {
         const c = parseCidr6(t, 'route6');
         if ((c.addr & maskOf6(c.prefix)) !== c.addr) throw new Error(`route6 ${t} has host bits set`);
@@ -696,9 +812,6 @@ export function readTunAnswer(peer: Json, asked6: boolean): TunAnswer {
   }
 }
 
-/** The network of `c` (host bits cleared). */
-const network4 = (c: Cidr): Cidr => ({ addr: (c.addr & maskOf(c.prefix)) >>> 0, prefix: c.prefix });
-const network6 = (c: Cidr6): Cidr6 => ({ v6: true, addr: c.addr & maskOf6(c.prefix), prefix: c.prefix });
 
 /**
  * `connect HOST:PORT --tun auto|ADDR[/PREFIX] [--tun ADDR6[/PREFIX]]`: create the interface first (local problems
@@ -707,6 +820,8 @@ const network6 = (c: Cidr6): Cidr6 => ({ v6: true, addr: c.addr & maskOf6(c.pref
  * and logs the counters. Throws USAGE when the interface cannot be made.
  */
 export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void } {
+  // A client killed with SIGKILL cannot remove the host route it pinned to its server: the next one does.
+  for (const r of removeStalePins()) log.info(`removed the host route ${r} that a vpn client killed before it could remove it had left behind`);
   const dev = TunDevice.create(o.name);
   const onExit = () => dev.close();
   process.on('exit', onExit);
@@ -723,6 +838,16 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
   let shape: string | null = null;
   /** the session that packets read from the interface go to; null between sessions (they are dropped) */
   let current: Session | null = null;
+  /** the routes this client has through the interface (each added once, never replaced), and for the log line */
+  let installed: Prefix[] = [];
+  let routes: Prefix[] = [];
+  /** lines logged once per run (a skipped route is not logged again on every reconnect) */
+  const noted = new Set<string>();
+  const once = (key: string, level: 'info' | 'warn', line: string) => {
+    if (noted.has(key)) return;
+    noted.add(key);
+    log[level](line);
+  };
   let carries4 = false;
   let carries6 = false;
   const toTunnel = (p: Uint8Array) => {
@@ -758,22 +883,49 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
           if (own6.length && !a.v6) throw new VpnError('USAGE', `--route ${formatCidr6(own6[0]!)} is IPv6, and the server's tunnel carries no IPv6`);
           const mtu = o.mtu ?? a.mtu;
           const addrs = [a.v4?.address, a.v6?.address].filter((x) => x !== undefined);
-          const routes: Prefix[] = [...own4, ...(a.v4?.routes ?? []), ...own6, ...(a.v6?.routes ?? [])];
-          const next = JSON.stringify([addrs.map(formatPrefix), mtu, routes.map(formatPrefix)]);
+          const pushed = [...(a.v4?.routes ?? []), ...(a.v6?.routes ?? [])];
+          const next = JSON.stringify([addrs.map(formatPrefix), mtu, pushed.map(formatPrefix)]);
           const again = shape !== null;
           if (shape !== next) {
+            // Checked against the host as it is now, the tunnel's own interface left out: a changed answer on a
+            // reconnect passes the same checks as the first.
+            const plan = routePlan(a, o.routes, o.acceptRoutes === true, hostNetworks(dev.name));
+            if (plan.ignored.length) {
+              once(`ignored|${plan.ignored.map(formatPrefix).join(' ')}`, 'info', `ignoring ${plan.ignored.length} ${plan.ignored.length > 1 ? 'routes' : 'route'} pushed by the server (${plan.ignored.map(formatPrefix).join(' ')}); connect with --accept-routes to install them`);
+            }
+            for (const k of plan.skipped) once(`skip|${formatPrefix(k.route)}|${k.why}`, 'warn', `not installing the route ${formatPrefix(k.route)} pushed by the server: ${k.why}`);
             if (again) dev.readdress(addrs, mtu); // a server that handed out other addresses this time
             else dev.up(addrs, mtu);
             const remote = link.socket.remoteAddress;
-            if (remote && !again) {
+            if (remote && !dev.hasPin) {
               const outer4 = parseIPv4(remote);
               const outer6 = outer4 === null ? parseIPv6(remote) : null;
-              const covered = routes.some((r) => (isCidr6(r) ? outer6 !== null && cidr6Contains(r, outer6) : outer4 !== null && cidrContains(r, outer4)));
+              const covered = plan.install.some((r) => (isCidr6(r) ? outer6 !== null && cidr6Contains(r, outer6) : outer4 !== null && cidrContains(r, outer4)));
               if (covered) dev.pinHostRoute(remote);
             }
-            for (const r of routes) dev.addRoute(r);
-            const from4 = a.v4 ? [network4(a.v4.address), ...own4, ...a.v4.routes] : [];
-            const from6 = a.v6 ? [network6(a.v6.address), ...own6, ...a.v6.routes] : [];
+            // Reconcile: routes already through the interface (a reconnect) stay and are not added again; routes of
+            // an earlier answer that this one lacks go.
+            const present = new Set(dev.routes().map(formatPrefix));
+            const want = new Set(plan.install.map(formatPrefix));
+            for (const r of installed) if (!want.has(formatPrefix(r))) dev.delRoute(r);
+            installed = [];
+            for (const r of plan.install) {
+              if (!present.has(formatPrefix(r))) {
+                try {
+                  dev.addRoute(r);
+                } catch (e) {
+                  // A pushed route the host got meanwhile is left out; the user's own route must go in.
+                  if (!pushed.some((x) => formatPrefix(x) === formatPrefix(r))) throw e;
+                  once(`skip|${formatPrefix(r)}|exists`, 'warn', `not installing the route ${formatPrefix(r)} pushed by the server: ${(e as Error).message}`);
+                  continue;
+                }
+              }
+              installed.push(r);
+            }
+            routes = installed;
+            // The inbound filter's "accepted route" sources: only the routes actually installed.
+            const from4 = a.v4 ? [network4(a.v4.address), ...installed.filter((r): r is Cidr => !isCidr6(r))] : [];
+            const from6 = a.v6 ? [network6(a.v6.address), ...installed.filter(isCidr6)] : [];
             filter = new InboundFilter({ v4: a.v4?.address.addr ?? null, v6: a.v6?.address.addr ?? null }, from4, from6);
             shape = next;
           }

@@ -10,7 +10,7 @@
  * them again. Writes are one packet per write(2).
  */
 import { closeSync, existsSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
-import { formatPrefix, isCidr6, type Prefix } from './address.ts';
+import { formatPrefix, isCidr6, parsePrefix, type Prefix } from './address.ts';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
 
@@ -107,6 +107,102 @@ function ip(args: string[]): string {
   }
   if (r.exitCode !== 0) throw new VpnError('USAGE', `ip ${args.join(' ')} failed: ${r.stderr.toString().trim() || `exit ${r.exitCode}`}`);
   return r.stdout.toString();
+}
+
+/**
+ * The routing protocol number (RTPROT, 0–255; `ip route … proto 157`) on the host routes a client pins to its server
+ * (pinHostRoute), with the pinning process's ID as the route's metric: a route left behind by a client that was
+ * killed (SIGKILL) is recognised by both and removed when the next client starts (removeStalePins). 157 is in no
+ * iproute2 `rt_protos` list and used by no routing daemon we know of.
+ */
+export const PIN_PROTO = 157;
+
+/** A prefix of `ip -j` output: `default`, `A.B.C.D`, `A.B.C.D/N`, or the same in IPv6. */
+function jsonPrefix(dst: string, v6: boolean): Prefix | null {
+  const t = dst === 'default' ? (v6 ? '::/0' : '0.0.0.0/0') : dst.includes('/') ? dst : `${dst}/${v6 ? 128 : 32}`;
+  try {
+    return parsePrefix(t, 'route');
+  } catch {
+    return null;
+  }
+}
+
+interface IpRoute {
+  dst: string;
+  dev?: string;
+  protocol?: string;
+  metric?: number;
+  type?: string;
+}
+
+function ipRoutes(args: string[]): IpRoute[] {
+  const out = ip(['-j', ...args]).trim();
+  return out ? (JSON.parse(out) as IpRoute[]) : [];
+}
+
+/** What a host has before a tunnel is added to it: its routes (main table) and its addresses, both families. */
+export interface HostNetworks {
+  /** routes of the main table, with the device they go through (`dev` may be empty: blackhole, unreachable) */
+  routes: { prefix: Prefix; dev: string }[];
+  /** every address of every interface, with its prefix length */
+  addrs: { prefix: Prefix; dev: string }[];
+}
+
+/**
+ * The host's routes (`ip -4/-6 route show`) and addresses (`ip addr show`), leaving out interface `exceptDev` (the
+ * tunnel's own, on a reconnect) and host routes pinned by a vpn client (PIN_PROTO): what a server's answer must not
+ * overlap. Throws USAGE when `ip` fails.
+ */
+export function hostNetworks(exceptDev: string): HostNetworks {
+  const routes: HostNetworks['routes'] = [];
+  for (const v6 of [false, true]) {
+    for (const r of ipRoutes([v6 ? '-6' : '-4', 'route', 'show'])) {
+      if (r.dev === exceptDev || r.protocol === String(PIN_PROTO)) continue;
+      const prefix = jsonPrefix(r.dst, v6);
+      if (prefix) routes.push({ prefix, dev: r.dev ?? '' });
+    }
+  }
+  const addrs: HostNetworks['addrs'] = [];
+  const links = JSON.parse(ip(['-j', 'addr', 'show']).trim() || '[]') as { ifname: string; addr_info?: { family: string; local?: string; prefixlen?: number }[] }[];
+  for (const l of links) {
+    if (l.ifname === exceptDev) continue;
+    for (const a of l.addr_info ?? []) {
+      if ((a.family !== 'inet' && a.family !== 'inet6') || !a.local || a.prefixlen === undefined) continue;
+      try {
+        addrs.push({ prefix: parsePrefix(`${a.local}/${a.prefixlen}`, 'address'), dev: l.ifname });
+      } catch {
+        // not an address we can read (a zone, say): it cannot collide with a tunnel address either
+      }
+    }
+  }
+  return { routes, addrs };
+}
+
+/**
+ * Remove host routes pinned by vpn clients that no longer run (killed with SIGKILL before they could remove them):
+ * routes with proto PIN_PROTO whose metric (the pinning process's ID) is no live process. Returns what it removed.
+ */
+export function removeStalePins(): string[] {
+  const removed: string[] = [];
+  for (const family of ['-4', '-6']) {
+    let list: IpRoute[];
+    try {
+      list = ipRoutes([family, 'route', 'show', 'proto', String(PIN_PROTO)]);
+    } catch {
+      continue; // no IPv6 on this host, say
+    }
+    for (const r of list) {
+      const pid = r.metric ?? 0;
+      if (pid > 0 && (pid === process.pid || existsSync(`/proc/${pid}`))) continue;
+      try {
+        ip([family, 'route', 'del', r.dst, 'proto', String(PIN_PROTO), 'metric', String(pid), ...(r.dev ? ['dev', r.dev] : [])]);
+        removed.push(`${r.dst}${r.dev ? ` dev ${r.dev}` : ''}`);
+      } catch {
+        // gone already
+      }
+    }
+  }
+  return removed;
 }
 
 let libc: ReturnType<typeof loadLibc> | undefined;
@@ -206,23 +302,78 @@ export class TunDevice {
     }
   }
 
-  /** Route `c` (either family) through the interface. */
+  /**
+   * Route `c` (either family) through the interface with `ip route add`, never `replace`: a route the host has
+   * already for exactly `c` is not overwritten; that fails with USAGE and a sentence saying so.
+   */
   addRoute(c: Prefix): void {
-    ip([isCidr6(c) ? '-6' : '-4', 'route', 'replace', formatPrefix(c), 'dev', this.name]);
+    const family = isCidr6(c) ? '-6' : '-4';
+    const text = formatPrefix(c);
+    try {
+      ip([family, 'route', 'add', text, 'dev', this.name]);
+    } catch (e) {
+      if (/File exists/i.test((e as Error).message)) {
+        const there = (() => {
+          try {
+            return ip([family, 'route', 'show', 'exact', text]).trim().split('\n')[0] ?? '';
+          } catch {
+            return '';
+          }
+        })();
+        throw new VpnError('USAGE', `cannot route ${text} through ${this.name}: this host has a route for ${text} already${there ? ` (${there})` : ''}, and vpn does not overwrite routes; remove it first, or leave the route out`);
+      }
+      throw e;
+    }
+  }
+
+  /** Remove the route for `c` through the interface (a reconnect whose answer no longer has it). */
+  delRoute(c: Prefix): void {
+    try {
+      ip([isCidr6(c) ? '-6' : '-4', 'route', 'del', formatPrefix(c), 'dev', this.name]);
+    } catch {
+      // gone already
+    }
+  }
+
+  /** The routes through the interface now, both families, without the ones the kernel made for its addresses. */
+  routes(): Prefix[] {
+    const out: Prefix[] = [];
+    for (const v6 of [false, true]) {
+      let list: IpRoute[];
+      try {
+        list = ipRoutes([v6 ? '-6' : '-4', 'route', 'show', 'dev', this.name]);
+      } catch {
+        continue;
+      }
+      for (const r of list) {
+        if (r.protocol === 'kernel') continue;
+        const p = jsonPrefix(r.dst, v6);
+        if (p) out.push(p);
+      }
+    }
+    return out;
+  }
+
+  /** Whether a host route to the server is pinned by this device. */
+  get hasPin(): boolean {
+    return this.pinned.length > 0;
   }
 
   /**
    * Keep the tunnel's own outer connection to `host` off the tunnel when a `--route` covers it: pin a host route
-   * through the path it takes now.
+   * through the path it takes now, tagged `proto PIN_PROTO metric PID` so that removeStalePins recognises it should
+   * this process be killed before it removes it. A host route the host has already is left alone (and used).
    */
   pinHostRoute(host: string): void {
     const v6 = host.includes(':');
     const family = v6 ? '-6' : '-4';
+    const dst = `${host}/${v6 ? 128 : 32}`;
     const how = ip(['-o', family, 'route', 'get', host]);
     const via = /\bvia (\S+)/.exec(how)?.[1];
     const dev = /\bdev (\S+)/.exec(how)?.[1];
     if (!dev || dev === this.name) return;
-    const args = [family, 'route', 'add', `${host}/${v6 ? 128 : 32}`, ...(via ? ['via', via] : []), 'dev', dev];
+    if (ipRoutes([family, 'route', 'show', 'exact', dst]).length > 0) return; // someone else's to keep
+    const args = [family, 'route', 'add', dst, ...(via ? ['via', via] : []), 'dev', dev, 'proto', String(PIN_PROTO), 'metric', String(process.pid)];
     try {
       ip(args);
       this.pinned.push(args);

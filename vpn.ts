@@ -122,7 +122,12 @@ line chat; otherwise stdin goes to the peer and the peer's bytes to stdout — a
   --tun-name NAME        interface name (default vpn%d: the kernel picks vpn0, vpn1, …)
   --mtu N                interface MTU (default: the server's, normally ${DEFAULT_MTU}); below
                          ${MIN_MTU6} the client asks for IPv4 only
-  --route CIDR           with --tun, repeatable: send CIDR (IPv4 or IPv6) through the tunnel
+  --route CIDR           with --tun, repeatable: send CIDR (IPv4 or IPv6) through the tunnel;
+                         0.0.0.0/0 (::/0) sends everything, as two halves that leave the
+                         default route in place; routes are added, never replace one
+  --accept-routes        with --tun: install the routes the server pushes (default: ignored),
+                         never a default route nor one overlapping this host's routes or
+                         addresses
   --no-reconnect         with --tun: exit when the connection to the server ends; by default the
                          interface, its addresses and routes stay up and the client reconnects
                          (backoff 1 s doubling to 30 s, with jitter) and asks for the same addresses
@@ -178,12 +183,13 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   route: { kind: 'list' },
   'rekey-after': { kind: 'string' },
   'no-reconnect': { kind: 'boolean' },
+  'accept-routes': { kind: 'boolean' },
 };
 
 const COMMON = ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
 const COMMAND_FLAGS: Record<string, string[]> = {
   serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers'],
-  connect: [...COMMON, 'no-pfs', 'local', 'rekey-after', 'no-reconnect'],
+  connect: [...COMMON, 'no-pfs', 'local', 'rekey-after', 'no-reconnect', 'accept-routes'],
   keygen: ['help'],
 };
 const COMMANDS = Object.keys(COMMAND_FLAGS);
@@ -540,7 +546,7 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
     const r = routes(f);
     const r6 = r.find(isCidr6);
     if (r6 && !ipv6) throw mtuTooSmallFor6(m!, `--route ${formatPrefix(r6)} needs IPv6 in the tunnel`);
-    const o = { request: v4, request6: v6, ipv6, name: tunName(f), mtu: m, routes: r };
+    const o = { request: v4, request6: v6, ipv6, name: tunName(f), mtu: m, routes: r, acceptRoutes: f['accept-routes'] === true };
     const base = sessionBase(f, 'client');
     checkTunSupport();
     const b = await base();
@@ -553,6 +559,7 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
   }
   tunFlagsAlone(f, '--tun auto (or --tun ADDR/PREFIX)');
   refuse(f, ['no-reconnect'], () => '--no-reconnect applies to connect --tun (other modes never reconnect: a stream cannot resume)');
+  refuse(f, ['accept-routes'], () => '--accept-routes applies to connect --tun (the routes a TUN server pushes)');
   if (local !== undefined) {
     const localAddr = parseAddress(local, '--local', DEFAULT_HOST);
     const limits = { local: localAddr, server: target, maxConns: maxConns(f), graceMs: grace };

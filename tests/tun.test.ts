@@ -11,8 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Proc as BaseProc, until, VPN } from './helpers.ts';
 import { execIn, inNetns, must, Namespaces, netnsUnavailable, sh } from './netns.ts';
-import { formatIPv4, formatIPv6, parseAnyRoute, parseCidr, parseCidr6, parseIPv6, parsePrefix, parseRoute } from '../address.ts';
-import { AddressPool, AddressPool6, answerTunClient, DEFAULT_MTU, InboundFilter, MAX_PEER_QUEUE, readTunAnswer, RECORD_OVERHEAD_MAX, TunRouter } from '../tun.ts';
+import { formatIPv4, formatIPv6, formatPrefix, parseAnyRoute, parseCidr, parseCidr6, parseIPv6, parsePrefix, parseRoute } from '../address.ts';
+import { AddressPool, AddressPool6, answerTunClient, DEFAULT_MTU, expandOwnRoutes, InboundFilter, MAX_PEER_QUEUE, overlaps, readTunAnswer, RECORD_OVERHEAD_MAX, routePlan, TunRouter } from '../tun.ts';
 import { packetLength, splitPackets } from '../tundevice.ts';
 import { VpnError } from '../errors.ts';
 import { log } from '../log.ts';
@@ -437,13 +437,85 @@ describe('the CONFIG exchange, both families (PROTOCOL.md §8.5)', () => {
       [{ ...ok, routes6: ['10.77.0.0/24'] }, true, /route6: expected an IPv6 address/],
       [{ ...ok, routes6: ['2001:db8:77::1/48'] }, true, /host bits set/],
       [{ ...ok, routes6: Array(33).fill('2001:db8::/32') }, true, /more than 32 routes6/],
-      [{ ...ok, address6: 'fd00:66::2/128' }, true, /prefix from \/1 to \/127/],
+      [{ ...ok, address6: 'fd00:66::2/128' }, true, /prefix from \/64 to \/126/],
       [{ mode: 'tun', mtu: 1371 }, true, /address or address6 is required/],
     ];
     for (const [peer, asked6, re] of bad) {
       expect(() => readTunAnswer(peer, asked6)).toThrow(/the server sent a TUN configuration this client cannot use/);
       expect(() => readTunAnswer(peer, asked6)).toThrow(re);
     }
+  });
+
+  test('the client takes only a sane tunnel address: IPv4 /8 to /30, IPv6 /64 to /126, a host address of the subnet the answer states, with the server in it', () => {
+    const ok4 = { mode: 'tun', address: '10.66.0.2/24', server: '10.66.0.1', mtu: 1371 };
+    const ok6 = { mode: 'tun', address6: 'fd00:66::2/64', server6: 'fd00:66::1', mtu: 1371 };
+    expect(readTunAnswer({ ...ok4, address: '10.0.0.2/8', server: '10.0.0.1' }, true).v4!.address.prefix).toBe(8);
+    expect(readTunAnswer({ ...ok4, address: '10.66.0.2/30' }, true).v4!.address.prefix).toBe(30);
+    expect(readTunAnswer({ ...ok6, address6: 'fd00:66::2/126' }, true).v6!.address.prefix).toBe(126);
+    const bad: [Record<string, unknown>, RegExp][] = [
+      [{ ...ok4, address: '10.66.0.2/7', server: '10.66.0.1' }, /address needs a prefix from \/8 to \/30, got 10\.66\.0\.2\/7/],
+      [{ ...ok4, address: '10.66.0.2/31' }, /address needs a prefix from \/8 to \/30/],
+      [{ ...ok4, address: '10.66.0.2/32' }, /address needs a prefix from \/8 to \/30/],
+      [{ ...ok4, address: '10.66.0.0/24' }, /not a host address of its subnet/],
+      [{ ...ok4, address: '10.66.0.255/24' }, /not a host address of its subnet/],
+      [{ ...ok4, server: '198.51.100.1' }, /server 198\.51\.100\.1 is not a host address of the subnet 10\.66\.0\.0\/24/],
+      [{ ...ok4, server: '10.66.0.2' }, /is the server's own/],
+      [{ ...ok6, address6: 'fd00:66::2/48' }, /address6 needs a prefix from \/64 to \/126, got fd00:66::2\/48/],
+      [{ ...ok6, address6: 'fd00:66::2/127' }, /address6 needs a prefix from \/64 to \/126/],
+      [{ ...ok6, address6: 'fd00:66::/64' }, /Subnet-Router anycast/],
+      [{ ...ok6, server6: 'fd00:67::1' }, /server6 fd00:67::1 is not a host address of the subnet fd00:66::\/64/],
+    ];
+    for (const [peer, re] of bad) expect(() => readTunAnswer(peer, true)).toThrow(re);
+  });
+
+  test("the client's route policy: pushed routes only when accepted, never a default route or a wide one, never one overlapping the host's routes, addresses or the tunnel; the user's 0.0.0.0/0 and ::/0 go in as halves; an overlapping tunnel address is refused", () => {
+    const answer = readTunAnswer(
+      {
+        mode: 'tun', address: '10.66.0.2/24', server: '10.66.0.1', address6: 'fd00:66::2/64', server6: 'fd00:66::1', mtu: 1371,
+        routes: ['0.0.0.0/0', '198.51.100.0/24', '198.51.0.0/16', '10.77.0.0/24', '10.66.0.0/16', '0.0.0.0/1', '172.16.5.0/24'],
+        routes6: ['::/0', '2001:db8:51::/64', '2001:db8:77::/48', '2000::/3'],
+      },
+      true,
+    );
+    const host = {
+      routes: [
+        { prefix: parsePrefix('0.0.0.0/0', 't'), dev: 'lan0' },
+        { prefix: parsePrefix('198.51.100.0/24', 't'), dev: 'lan0' },
+        { prefix: parsePrefix('::/0', 't'), dev: 'lan0' },
+        { prefix: parsePrefix('2001:db8:51::/64', 't'), dev: 'lan0' },
+        { prefix: parsePrefix('172.16.5.0/24', 't'), dev: '' },
+      ],
+      addrs: [{ prefix: parsePrefix('127.0.0.1/8', 't'), dev: 'lo' }, { prefix: parsePrefix('198.51.100.7/24', 't'), dev: 'lan0' }],
+    };
+    const fmt = (xs: { prefix?: unknown }[] | unknown[]) => (xs as Parameters<typeof formatPrefix>[0][]).map(formatPrefix);
+    const off = routePlan(answer, [], false, host);
+    expect(fmt(off.install)).toEqual([]);
+    expect(off.ignored.length).toBe(11);
+    const on = routePlan(answer, [], true, host);
+    expect(fmt(on.install)).toEqual(['10.77.0.0/24', '2001:db8:77::/48']);
+    const why = Object.fromEntries(on.skipped.map((k) => [formatPrefix(k.route), k.why]));
+    expect(why['0.0.0.0/0']).toMatch(/a default route is never taken from a server/);
+    expect(why['::/0']).toMatch(/a default route is never taken from a server/);
+    expect(why['198.51.100.0/24']).toMatch(/overlaps this host's address 198\.51\.100\.7\/24 on lan0/);
+    expect(why['198.51.0.0/16']).toMatch(/overlaps this host's/);
+    expect(why['2001:db8:51::/64']).toMatch(/overlaps this host's route 2001:db8:51::\/64 via lan0/);
+    expect(why['10.66.0.0/16']).toMatch(/overlaps the tunnel subnet 10\.66\.0\.0\/24/);
+    expect(why['0.0.0.0/1']).toMatch(/wider than \/8/);
+    expect(why['2000::/3']).toMatch(/wider than \/16/);
+    expect(why['172.16.5.0/24']).toMatch(/overlaps this host's route 172\.16\.5\.0\/24/);
+    expect(on.skipped.length).toBe(9);
+    // the user's own: everything through the tunnel as two halves per family, without touching the default routes
+    const all = routePlan(answer, [parseAnyRoute('0.0.0.0/0'), parseAnyRoute('::/0'), parseAnyRoute('0.0.0.0/0')], false, host);
+    expect(fmt(all.install)).toEqual(['0.0.0.0/1', '128.0.0.0/1', '::/1', '8000::/1']);
+    expect(fmt(expandOwnRoutes([parseAnyRoute('10.1.0.0/16')]))).toEqual(['10.1.0.0/16']);
+    // a tunnel subnet that overlaps the host's LAN (or any route but the default) is refused
+    const lan = readTunAnswer({ mode: 'tun', address: '198.51.100.50/24', server: '198.51.100.49', mtu: 1371 }, false);
+    expect(() => routePlan(lan, [], false, host)).toThrow(/the server handed out a tunnel address in 198\.51\.100\.0\/24, which overlaps this host's address 198\.51\.100\.7\/24 on lan0; refusing it/);
+    const wide = readTunAnswer({ mode: 'tun', address: '172.16.0.2/12', server: '172.16.0.1', mtu: 1371 }, false);
+    expect(() => routePlan(wide, [], false, host)).toThrow(/overlaps this host's route 172\.16\.5\.0\/24/);
+    expect(overlaps(parsePrefix('10.0.0.0/8', 't'), parsePrefix('10.66.0.0/24', 't'))).toBe(true);
+    expect(overlaps(parsePrefix('10.0.0.0/8', 't'), parsePrefix('11.0.0.0/8', 't'))).toBe(false);
+    expect(overlaps(parsePrefix('10.0.0.0/8', 't'), parsePrefix('::/0', 't'))).toBe(false);
   });
 });
 
@@ -532,7 +604,8 @@ describe('usage', () => {
 
 const spaces = new Namespaces();
 const TAG = spaces.tag;
-const NS = { srv: spaces.name('s'), c1: spaces.name('a'), c2: spaces.name('b') };
+const NS = { srv: spaces.name('s'), c1: spaces.name('a'), c2: spaces.name('b'), c3: spaces.name('c'), lan: spaces.name('l') };
+const SERVER3 = '192.168.77.9'; // the server, seen from c3 (a client with a LAN and default routes of its own)
 const SERVER1 = '192.168.77.1'; // the server, seen from c1
 const SERVER2 = '192.168.77.5'; // the server, seen from c2
 const SERVER1_6 = 'fd00:77::1'; // the server over IPv6, seen from c1
@@ -717,6 +790,14 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     spaces.address(NS.srv, 'lo', '2001:db8:77::1/128');
     spaces.address(NS.srv, 'v1', `${SERVER1_6}/64`);
     spaces.address(NS.c1, 'v0', 'fd00:77::2/64');
+    // srv ─ v3 ══ v0 ─ c3 (192.168.77.8/30), and c3's own LAN: c3 ─ lan0 ══ gw0 ─ lan, 198.51.100.0/24 and
+    // 2001:db8:51::/64, with c3's default routes via the LAN's gateway (.1) — the routes a VPN must not take away
+    spaces.veth(NS.srv, 'v3', NS.c3, 'v0', { a: `${SERVER3}/30`, b: '192.168.77.10/30' });
+    spaces.veth(NS.c3, 'lan0', NS.lan, 'gw0', { a: '198.51.100.7/24', b: '198.51.100.1/24' });
+    spaces.address(NS.c3, 'lan0', '2001:db8:51::7/64');
+    spaces.address(NS.lan, 'gw0', '2001:db8:51::1/64');
+    must(['ip', '-n', NS.c3, '-4', 'route', 'add', 'default', 'via', '198.51.100.1']);
+    must(['ip', '-n', NS.c3, '-6', 'route', 'add', 'default', 'via', '2001:db8:51::1']);
   });
 
   afterAll(() => {
@@ -926,7 +1007,7 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
   test('--route on either end sends a subnet through the tunnel; a route over the server keeps the tunnel outside', async () => {
     const { p: srv, port } = await startServer(['--route', '10.77.0.0/24']);
     // 128.0.0.0/1 covers the server's own address: the client pins a host route to it through the underlay
-    const cli = await startClient(NS.c1, port, ['--tun', 'auto', '--route', '128.0.0.0/1']);
+    const cli = await startClient(NS.c1, port, ['--tun', 'auto', '--route', '128.0.0.0/1', '--accept-routes']);
     expect(cli.p.stderr).toMatch(/routes 128\.0\.0\.0\/1 10\.77\.0\.0\/24/);
     const routes = exec(NS.c1, ['ip', '-4', 'route']).out;
     expect(routes).toContain(`10.77.0.0/24 dev ${cli.dev}`);
@@ -1084,7 +1165,7 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
 
   test('the client writes into its kernel only packets from the tunnel or its routes: forged IPv4 and IPv6 sources from the server side are dropped and counted', async () => {
     const { p: srv, port } = await startServerWith(DUAL, ['--route', '2001:db8:77::/48']);
-    const cli = await startClient(NS.c1, port);
+    const cli = await startClient(NS.c1, port, ['--tun', 'auto', '--accept-routes']);
     const l6 = await udpListen(NS.c1, 'fd00:66::2', 9999);
     const l4 = await udpListen(NS.c1, '10.66.0.2', 9998);
     // written into the server's kernel, which routes them into its interface toward the client
@@ -1106,7 +1187,7 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
   test('an IPv6 route pushed by the server, and one of the client\'s own, are installed and carry traffic', async () => {
     const { p: srv, port } = await startServerWith(DUAL, ['--route', '2001:db8:77::/48', '--route', '10.77.0.0/24']);
     await srv.waitFor(/pushing routes 10\.77\.0\.0\/24 2001:db8:77::\/48/);
-    const cli = await startClient(NS.c1, port, ['--tun', 'auto', '--route', '2001:db8:99::/48']);
+    const cli = await startClient(NS.c1, port, ['--tun', 'auto', '--route', '2001:db8:99::/48', '--accept-routes']);
     expect(cli.p.stderr).toMatch(/routes 10\.77\.0\.0\/24 2001:db8:99::\/48 2001:db8:77::\/48/);
     const routes = exec(NS.c1, ['ip', '-6', 'route']).out;
     expect(routes).toContain(`2001:db8:77::/48 dev ${cli.dev}`);
@@ -1155,4 +1236,113 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     dual.p.kill('SIGTERM');
     expect([await small.p.exit(), await dual.p.exit()]).toEqual([0, 0]);
   });
+
+  // ---- a TUN client trusts no route or address it did not ask for (issue 13) ----
+
+  /** c3's routing state: what must be exactly the same before a client starts and after it exits. */
+  const tables = (ns = NS.c3) => ['-4 route', '-6 route', '-4 rule', '-6 rule'].map((w) => `# ip ${w}\n${must(['ip', '-n', ns, ...w.split(' ')])}`).join('');
+  const PUSHY = ['--route', '0.0.0.0/0', '--route', '198.51.100.0/24', '--route', '10.77.0.0/24', '--route', '::/0', '--route', '2001:db8:51::/64', '--route', '2001:db8:77::/48'];
+
+  test('pushed routes: without --accept-routes none is installed (one log line says how many and how); with it the default routes and those overlapping the LAN are refused, harmless ones installed; ip route and ip rule are the same after SIGTERM and after a stopped server with --no-reconnect', async () => {
+    const before = tables();
+    expect(before).toContain('default via 198.51.100.1 dev lan0');
+    const { p: srv, port } = await startServerWith(DUAL, PUSHY);
+    // without --accept-routes: only the tunnel's own subnets go through the interface
+    const a = await startClientAt(NS.c3, `${SERVER3}:${port}`);
+    await a.p.waitFor(/ignoring 6 routes pushed by the server \(0\.0\.0\.0\/0 198\.51\.100\.0\/24 10\.77\.0\.0\/24 ::\/0 2001:db8:51::\/64 2001:db8:77::\/48\); connect with --accept-routes to install them/);
+    const on = must(['ip', '-n', NS.c3, '-4', 'route']) + must(['ip', '-n', NS.c3, '-6', 'route']);
+    expect(on.split('\n').filter((l) => l.includes(`dev ${a.dev}`) && !l.includes('proto kernel'))).toEqual([]);
+    expect(on).toContain('default via 198.51.100.1 dev lan0');
+    expect(ping(NS.c3, '10.66.0.1', 1).received).toBe(1);
+    a.p.kill('SIGTERM');
+    expect(await a.p.exit()).toBe(0);
+    expect(tables()).toBe(before);
+    // with --accept-routes: only what passes the checks, each refusal logged once with its reason
+    const b = await startClientAt(NS.c3, `${SERVER3}:${port}`, ['--tun', 'auto', '--accept-routes', '--no-reconnect']);
+    expect(b.line).toMatch(/routes 10\.77\.0\.0\/24 2001:db8:77::\/48 \(protocol/);
+    for (const re of [
+      /not installing the route 0\.0\.0\.0\/0 pushed by the server: a default route is never taken from a server/,
+      /not installing the route ::\/0 pushed by the server: a default route is never taken/,
+      /not installing the route 198\.51\.100\.0\/24 pushed by the server: it overlaps this host's address 198\.51\.100\.7\/24 on lan0/,
+      /not installing the route 2001:db8:51::\/64 pushed by the server: it overlaps this host's/,
+    ]) expect(b.p.stderr).toMatch(re);
+    const r4 = must(['ip', '-n', NS.c3, '-4', 'route']);
+    const r6 = must(['ip', '-n', NS.c3, '-6', 'route']);
+    expect(r4).toContain(`10.77.0.0/24 dev ${b.dev}`);
+    expect(r6).toContain(`2001:db8:77::/48 dev ${b.dev}`);
+    expect(r4).toContain('default via 198.51.100.1 dev lan0');
+    expect(r4).toContain('198.51.100.0/24 dev lan0');
+    expect(r4).not.toMatch(new RegExp(`(default|198\\.51\\.100\\.0/24) dev ${b.dev}`));
+    expect(r6).not.toMatch(new RegExp(`(default|2001:db8:51::/64) dev ${b.dev}`));
+    expect(ping(NS.c3, '10.77.0.1', 2).received).toBe(2);
+    expect(ping(NS.c3, '2001:db8:77::1', 2).received).toBe(2);
+    // the server goes away: a --no-reconnect client exits 1, and leaves the tables as they were
+    srv.kill('SIGTERM');
+    expect(await srv.exit()).toBe(0);
+    expect(await b.p.exit()).toBe(1);
+    expect(b.p.stderr.match(/not installing the route 0\.0\.0\.0\/0/g)!.length).toBe(1);
+    expect(tables()).toBe(before);
+  });
+
+  test("the user's --route 0.0.0.0/0 and ::/0 send everything through the tunnel as two halves each, keeping the default routes; a reconnect adds nothing twice; the tables are the same after exit, and after SIGKILL once the next client has started", async () => {
+    const before = tables();
+    const { p: srv, port } = await startServerWith(DUAL);
+    const args = ['--tun', 'auto', '--route', '0.0.0.0/0', '--route', '::/0'];
+    const cli = await startClientAt(NS.c3, `${SERVER3}:${port}`, args);
+    expect(cli.line).toMatch(/routes 0\.0\.0\.0\/1 128\.0\.0\.0\/1 ::\/1 8000::\/1/);
+    const r4 = must(['ip', '-n', NS.c3, '-4', 'route']);
+    expect(r4).toContain('default via 198.51.100.1 dev lan0');
+    expect(r4).toContain(`0.0.0.0/1 dev ${cli.dev}`);
+    expect(r4).toContain(`128.0.0.0/1 dev ${cli.dev}`);
+    expect(r4).toMatch(new RegExp(`${SERVER3.replaceAll('.', '\\.')} dev v0 proto 157 scope link metric \\d+`)); // the outer connection stays outside
+    expect(must(['ip', '-n', NS.c3, '-6', 'route'])).toMatch(/default via 2001:db8:51::1 dev lan0/);
+    expect(must(['ip', '-n', NS.c3, '-4', 'route', 'get', '203.0.113.9'])).toContain(`dev ${cli.dev}`);
+    // beyond the server: only the tunnel leads there (the LAN's gateway has no route to it)
+    expect(ping(NS.c3, '10.77.0.1', 2).received).toBe(2);
+    expect(ping(NS.c3, '2001:db8:77::1', 2).received).toBe(2);
+    // the server restarts: the client reconnects with the same answer and does not add its routes again
+    srv.kill('SIGKILL');
+    await srv.exit();
+    const srv2 = vpnIn(NS.srv, ['serve', '--listen', `0.0.0.0:${port}`, ...DUAL.flatMap((t) => ['--tun', t]), '--key', keyPath]);
+    await srv2.waitFor(/^listening on /m);
+    await cli.p.waitFor(/tunnel back up: /, 15_000);
+    expect(cli.p.stderr).not.toMatch(/cannot route|failed/);
+    expect(ping(NS.c3, '10.77.0.1', 2).received).toBe(2);
+    cli.p.kill('SIGTERM');
+    expect(await cli.p.exit()).toBe(0);
+    expect(tables()).toBe(before);
+    // SIGKILL: the interface and its routes vanish with the process; the pinned host route is left …
+    const k = await startClientAt(NS.c3, `${SERVER3}:${port}`, args);
+    k.p.kill('SIGKILL');
+    await k.p.exit();
+    await until(() => tunLinks(NS.c3).length === 0, 3000);
+    expect(must(['ip', '-n', NS.c3, '-4', 'route'])).toMatch(/proto 157/);
+    // … and removed by the next client as it starts
+    const n = await startClientAt(NS.c3, `${SERVER3}:${port}`);
+    expect(n.p.stderr).toMatch(/removed the host route 192\.168\.77\.9 dev v0 that a vpn client killed before it could remove it had left behind/);
+    n.p.kill('SIGTERM');
+    expect(await n.p.exit()).toBe(0);
+    expect(tables()).toBe(before);
+    srv2.kill('SIGTERM');
+    expect(await srv2.exit()).toBe(0);
+  }, 40_000);
+
+  test("a tunnel address the client cannot take is refused, exit 2: an IPv4 prefix wider than /8, an IPv6 one wider than /64, a subnet overlapping the client's LAN; a user route the host has already fails instead of overwriting it; the tables are unchanged", async () => {
+    const before = tables();
+    const cases: [string[], string[], RegExp][] = [
+      [['12.0.0.1/7'], ['--tun', 'auto'], /address needs a prefix from \/8 to \/30, got 12\.0\.0\.2\/7/],
+      [['fd00:66::1/48'], ['--tun', 'auto'], /address6 needs a prefix from \/64 to \/126, got fd00:66::2\/48/],
+      [['198.51.100.50/24'], ['--tun', 'auto'], /the server handed out a tunnel address in 198\.51\.100\.0\/24, which overlaps this host's address 198\.51\.100\.7\/24 on lan0; refusing it/],
+      [DUAL, ['--tun', 'auto', '--route', '198.51.100.0/24'], /cannot route 198\.51\.100\.0\/24 through \S+: this host has a route for 198\.51\.100\.0\/24 already \(198\.51\.100\.0\/24 dev lan0 .*\), and vpn does not overwrite routes/],
+    ];
+    for (const [tun, extra, re] of cases) {
+      const { p: srv, port } = await startServerWith(tun);
+      const cli = vpnIn(NS.c3, ['connect', `${SERVER3}:${port}`, '--key', keyPath, ...extra]);
+      expect(await cli.exit()).toBe(2);
+      expect(cli.stderr).toMatch(re);
+      expect(tables()).toBe(before);
+      srv.kill('SIGTERM');
+      expect(await srv.exit()).toBe(0);
+    }
+  }, 40_000);
 });
