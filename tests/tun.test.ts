@@ -1345,4 +1345,37 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
       expect(await srv.exit()).toBe(0);
     }
   }, 40_000);
+
+  test('a reconnect checks a changed answer again: other pushed routes replace the old ones (nothing added twice), and routes now overlapping the LAN or default are not installed; the tables are as before after exit', async () => {
+    const before = tables();
+    const port = nextPort++;
+    const serve = (extra: string[]) => vpnIn(NS.srv, ['serve', '--listen', `0.0.0.0:${port}`, '--tun', '10.66.0.1/24', '--key', keyPath, ...extra]);
+    let srv = serve(['--route', '10.77.0.0/24']);
+    await srv.waitFor(/^listening on /m);
+    const cli = await startClientAt(NS.c3, `${SERVER3}:${port}`, ['--tun', 'auto', '--accept-routes']);
+    expect(cli.line).toMatch(/routes 10\.77\.0\.0\/24 /);
+    srv.kill('SIGKILL');
+    await srv.exit();
+    srv = serve(['--route', '10.78.0.0/24']);
+    await srv.waitFor(/^listening on /m);
+    await cli.p.waitFor(/tunnel back up: .*routes 10\.78\.0\.0\/24 /, 15_000);
+    let r4 = must(['ip', '-n', NS.c3, '-4', 'route']);
+    expect(r4).toContain(`10.78.0.0/24 dev ${cli.dev}`);
+    expect(r4).not.toContain('10.77.0.0/24');
+    srv.kill('SIGKILL');
+    await srv.exit();
+    srv = serve(['--route', '198.51.100.0/24', '--route', '0.0.0.0/0']);
+    await srv.waitFor(/^listening on /m);
+    await cli.p.waitFor(/tunnel back up: \S+ 10\.66\.0\.2\/24, server 10\.66\.0\.1, mtu 1371 \(protocol/, 15_000);
+    expect(cli.p.stderr).toMatch(/not installing the route 198\.51\.100\.0\/24 pushed by the server: it overlaps this host's address 198\.51\.100\.7\/24 on lan0/);
+    expect(cli.p.stderr).toMatch(/not installing the route 0\.0\.0\.0\/0 pushed by the server: a default route/);
+    r4 = must(['ip', '-n', NS.c3, '-4', 'route']);
+    expect(r4.split('\n').filter((l) => l.includes(`dev ${cli.dev}`) && !l.includes('proto kernel'))).toEqual([]);
+    expect(r4).toContain('default via 198.51.100.1 dev lan0');
+    cli.p.kill('SIGTERM');
+    expect(await cli.p.exit()).toBe(0);
+    expect(tables()).toBe(before);
+    srv.kill('SIGTERM');
+    expect(await srv.exit()).toBe(0);
+  }, 45_000);
 });
