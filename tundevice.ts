@@ -94,14 +94,33 @@ export function checkTunSupport(platform: string = process.platform): void {
   if (!existsSync(TUN_PATH)) {
     throw new VpnError('USAGE', `${TUN_PATH} does not exist: load the tun module (modprobe tun), or in a container pass the device in (--device ${TUN_PATH})`);
   }
-  if (!Bun.which('ip')) throw new VpnError('USAGE', "--tun needs iproute2's ip command; install iproute2");
+  if (!ipPath()) throw new VpnError('USAGE', "--tun needs iproute2's ip command; install iproute2");
+}
+
+/** Where `ip` is looked for, in this order, once: a root process does not search the caller's PATH. */
+export const IP_DIRS = ['/usr/sbin', '/sbin', '/usr/bin', '/bin'];
+let ipFound: string | null | undefined;
+/** The absolute path of `ip` (the first in IP_DIRS), found on the first call and kept; null when there is none. */
+export function ipPath(): string | null {
+  if (ipFound === undefined) ipFound = Bun.which('ip', { PATH: IP_DIRS.join(':') });
+  return ipFound;
+}
+
+/**
+ * The whole environment an `ip` child gets: a fixed PATH and the C locale (its messages, quoted in ours, stay
+ * English); nothing of ours, so never VPN_SECRET.
+ */
+export function ipEnv(): Record<string, string> {
+  return { PATH: IP_DIRS.join(':'), LC_ALL: 'C' };
 }
 
 /** Run `ip ARGS`; throws USAGE with ip's own message when it fails. */
 function ip(args: string[]): string {
   let r;
   try {
-    r = Bun.spawnSync(['ip', ...args], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', timeout: IP_TIMEOUT_MS, killSignal: 'SIGKILL' });
+    const path = ipPath();
+    if (!path) throw new Error(`no ip in ${IP_DIRS.join(', ')}`);
+    r = Bun.spawnSync([path, ...args], { stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', env: ipEnv(), timeout: IP_TIMEOUT_MS, killSignal: 'SIGKILL' });
   } catch (e) {
     throw new VpnError('USAGE', `cannot run ip (${(e as Error).message}); install iproute2`);
   }

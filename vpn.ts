@@ -6,7 +6,7 @@
  * (PROTOCOL.md); the modes are in stdio.ts, forward.ts and tun.ts; the sockets in net.ts.
  */
 import { randomBytes } from '@noble/ciphers/utils.js';
-import { closeSync, existsSync, openSync, readFileSync, statSync, writeSync, constants as fsc } from 'node:fs';
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
 import { type Address, type Cidr, type Cidr6, DEFAULT_HOST, DEFAULT_PORT, formatPrefix, isCidr6, parseAddress, parseAnyRoute, parsePrefix, type Prefix } from './address.ts';
 import { ENGINE_NAMES, getEngine } from './engine.ts';
 import { asVpnError, EXIT_OK, EXIT_USAGE, VpnError } from './errors.ts';
@@ -48,7 +48,11 @@ const SECRET_HELP = `Secret (first found wins):
   --key PATH             key file written by keygen (recommended)
   --secret TEXT          passphrase on the command line (visible to other local users via ps)
   VPN_SECRET=TEXT        passphrase from the environment
-  (terminal)             prompted for, without echo, when stdin is a terminal`;
+  (terminal)             prompted for, without echo, when stdin is a terminal
+  --insecure-key-file    use a --key file that group or others can read, or that another
+                         user owns (refused by default, as ssh refuses such a key; warns)
+  A passphrase under 12 characters, only digits or one repeated character gets a warning:
+  the salt is fixed, so use keygen for a key that cannot be guessed.`;
 
 const COMMON_HELP = `Common options:
   --engine noble|native  crypto engine: noble (pure JS, default) or native (Bun's built-in BoringSSL)
@@ -184,9 +188,10 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   'rekey-after': { kind: 'string' },
   'no-reconnect': { kind: 'boolean' },
   'accept-routes': { kind: 'boolean' },
+  'insecure-key-file': { kind: 'boolean' },
 };
 
-const COMMON = ['key', 'secret', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
+const COMMON = ['key', 'secret', 'insecure-key-file', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
 const COMMAND_FLAGS: Record<string, string[]> = {
   serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers'],
   connect: [...COMMON, 'no-pfs', 'local', 'rekey-after', 'no-reconnect', 'accept-routes'],
@@ -347,24 +352,74 @@ function tunFlagsAlone(f: Flags, how: string): void {
 
 // ---- secrets ----
 
-/** Read a key file written by keygen: 64 hex digits (whitespace around them is ignored). */
-export function readKeyFile(path: string): Uint8Array {
+/**
+ * Read a key file written by keygen: 64 hex digits (whitespace around them is ignored). The file is opened once and
+ * the open descriptor is checked (fstat) and read, so what is checked is what is read. A file that group or others
+ * may read, or that another user owns, is refused (USAGE), as ssh refuses such a key, unless `insecure` (then it
+ * warns); so is anything but a regular file.
+ */
+export function readKeyFile(path: string, insecure = false): Uint8Array {
+  const failed = (e: unknown) => new VpnError('USAGE', `cannot read key file ${path} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
+  let fd: number;
+  try {
+    fd = openSync(path, fsc.O_RDONLY | fsc.O_NOCTTY | fsc.O_NONBLOCK);
+  } catch (e) {
+    throw failed(e);
+  }
   let text: string;
   try {
-    text = readFileSync(path, 'utf8');
-  } catch (e) {
-    throw new VpnError('USAGE', `cannot read key file ${path} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
+    let st;
+    try {
+      st = fstatSync(fd);
+    } catch (e) {
+      throw failed(e);
+    }
+    if (!st.isFile()) throw new VpnError('USAGE', `key file ${path} is not a regular file`);
+    const mode = (st.mode & 0o7777).toString(8).padStart(4, '0');
+    const uid = process.getuid?.() ?? st.uid;
+    const problems: string[] = [];
+    if ((st.mode & 0o077) !== 0) problems.push(`has mode ${mode}, which lets ${(st.mode & 0o070) !== 0 && (st.mode & 0o007) !== 0 ? 'group and others' : (st.mode & 0o070) !== 0 ? 'its group' : 'others'} read or write it`);
+    if (st.uid !== uid) problems.push(`is owned by uid ${st.uid}, not by this user (uid ${uid})`);
+    if (problems.length > 0) {
+      const fix = `chmod 600 ${path}${st.uid !== uid ? ` and chown it to this user (or make your own copy)` : ''}`;
+      if (!insecure) throw new VpnError('USAGE', `key file ${path} ${problems.join(' and ')}; ${fix}, or pass --insecure-key-file to use it anyway`);
+      log.warn(`warning: key file ${path} ${problems.join(' and ')}; using it because of --insecure-key-file (${fix})`);
+    }
+    try {
+      text = readFileSync(fd, 'utf8');
+    } catch (e) {
+      throw failed(e);
+    }
+  } finally {
+    closeSync(fd);
   }
   const hexText = text.trim();
   if (!/^[0-9a-fA-F]{64}$/.test(hexText)) {
     throw new VpnError('USAGE', `key file ${path} does not hold a key written by keygen (expected 64 hex digits)`);
   }
-  try {
-    if ((statSync(path).mode & 0o077) !== 0) log.warn(`warning: key file ${path} is readable by other users; chmod 600 it`);
-  } catch {
-    // stat failing after a successful read is not worth stopping for
-  }
   return new Uint8Array(Buffer.from(hexText, 'hex'));
+}
+
+/**
+ * Why `passphrase` is weak, or null: fewer than 12 characters, only digits, or one character repeated. The rule is
+ * deliberately simple; it catches the passphrases a fixed salt makes cheapest to guess, not every weak one.
+ */
+export function weakPassphrase(passphrase: string): string | null {
+  const chars = [...passphrase];
+  if (chars.length < MIN_PASSPHRASE) return `is shorter than ${MIN_PASSPHRASE} characters`;
+  if (/^[0-9]+$/.test(passphrase)) return 'is only digits';
+  if (new Set(chars).size === 1) return 'is one character repeated';
+  return null;
+}
+const MIN_PASSPHRASE = 12;
+
+/** keysFromPassphrase, with a warning first when the passphrase is weak (weakPassphrase). */
+function passphraseKeys(passphrase: string, from: string): LongTermKeys {
+  const why = weakPassphrase(passphrase);
+  if (why !== null) {
+    log.warn(`warning: the passphrase from ${from} ${why}; the salt is fixed, so one guess tests it against every server: prefer a key file from keygen (bun vpn.ts keygen PATH, then --key PATH)`);
+  }
+  return keysFromPassphrase(passphrase);
 }
 
 async function promptHidden(question: string): Promise<string> {
@@ -403,20 +458,23 @@ async function promptHidden(question: string): Promise<string> {
 /** The secret, in the documented order: --key, --secret, VPN_SECRET, a prompt on a terminal; else USAGE. */
 async function loadKeys(flags: Flags): Promise<LongTermKeys> {
   if (workerIndex() > 0) return await keysFromSupervisor(() => process.kill(process.pid, 'SIGTERM')); // serve --workers
+  // Read and remove VPN_SECRET first, whichever secret wins: no child process inherits it (children also get a
+  // minimal environment: workers.ts, tundevice.ts).
+  const env = process.env.VPN_SECRET;
+  delete process.env.VPN_SECRET;
   if (flags.key !== undefined && flags.secret !== undefined) throw new VpnError('USAGE', 'give either --key or --secret, not both');
   if (typeof flags.key === 'string') {
-    const raw = readKeyFile(flags.key);
+    const raw = readKeyFile(flags.key, flags['insecure-key-file'] === true);
     const keys = keysFromKeyFile(raw);
     raw.fill(0);
     return keys;
   }
   if (typeof flags.secret === 'string') {
     log.warn('warning: --secret is visible to other local users (ps, /proc); prefer --key or VPN_SECRET');
-    return keysFromPassphrase(flags.secret);
+    return passphraseKeys(flags.secret, '--secret');
   }
-  const env = process.env.VPN_SECRET;
-  if (env !== undefined && env !== '') return keysFromPassphrase(env);
-  if (process.stdin.isTTY) return keysFromPassphrase(await promptHidden('passphrase: '));
+  if (env !== undefined && env !== '') return passphraseKeys(env, 'VPN_SECRET');
+  if (process.stdin.isTTY) return passphraseKeys(await promptHidden('passphrase: '), 'the prompt');
   throw new VpnError('USAGE', 'no secret given: use --key PATH (from keygen), --secret TEXT, or the VPN_SECRET environment variable');
 }
 

@@ -10,9 +10,10 @@
  *      until every worker listens on the same port, then closed (nobody has been told the port yet, so it accepts
  *      nothing);
  *   2. it derives the long-term keys once (one key file read, one scrypt, one prompt) and hands them to each worker
- *      on its stdin, never in argv or the environment;
- *   3. it starts N workers running its own command line without --workers and with --listen naming the port, with
- *      VPN_WORKER=i in the environment, waits for each one's "listening on" line, and prints the one
+ *      on its stdin, never in argv or the environment: a worker's argv has no --secret (workerArgs), and its
+ *      environment is workerEnv's, PATH and a few harmless variables, never VPN_SECRET;
+ *   3. it starts N workers running its own command line without --workers and --secret and with --listen naming the
+ *      port, with VPN_WORKER=i in the environment, waits for each one's "listening on" line, and prints the one
  *      "listening on HOST:PORT" line itself;
  *   4. it passes every other line a worker logs through, prefixed "[worker i pid P] ";
  *   5. it passes SIGINT and SIGTERM to every worker (each shuts down gracefully, --grace) and exits with the worst of
@@ -44,7 +45,10 @@ export function workerIndex(): number {
   return Number.isInteger(n) && n > 0 ? n : 0;
 }
 
-/** `args` (the command line after the command) without --workers, with --listen set to `listen`. */
+/**
+ * `args` (the command line after the command) without --workers and without --secret and its value (a worker gets
+ * the keys on stdin; argv is readable by every local user), with --listen set to `listen`.
+ */
 export function workerArgs(args: readonly string[], listen: string): string[] {
   const out: string[] = [];
   for (let i = 0; i < args.length; i++) {
@@ -53,14 +57,25 @@ export function workerArgs(args: readonly string[], listen: string): string[] {
       out.push(...args.slice(i));
       break;
     }
-    if (a === '--workers' || a === '--listen') {
+    if (a === '--workers' || a === '--listen' || a === '--secret') {
       i++; // and its value
       continue;
     }
-    if (a.startsWith('--workers=') || a.startsWith('--listen=')) continue;
+    if (a.startsWith('--workers=') || a.startsWith('--listen=') || a.startsWith('--secret=')) continue;
     out.push(a);
   }
   return ['--listen', listen, ...out];
+}
+
+/** The variables a worker inherits, when set: none of them secret (VPN_SECRET never is one). */
+const WORKER_ENV = ['PATH', 'HOME', 'TMPDIR', 'TZ', 'LANG', 'LC_ALL', 'NO_COLOR'];
+
+/** A worker's whole environment: WORKER_ENV from `env` and VPN_WORKER=`index`; nothing else of `env`. */
+export function workerEnv(index: number, env: Record<string, string | undefined> = process.env): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const k of WORKER_ENV) if (env[k] !== undefined) out[k] = env[k];
+  out.VPN_WORKER = String(index);
+  return out;
 }
 
 function keysLine(keys: LongTermKeys): string {
@@ -150,7 +165,7 @@ export async function superviseWorkers(o: SuperviseOptions): Promise<number> {
       stdin: 'pipe',
       stdout: 'inherit',
       stderr: 'pipe',
-      env: { ...process.env, VPN_WORKER: String(i) },
+      env: workerEnv(i),
       detached: true,
     }) as Subprocess<'pipe', 'inherit', 'pipe'>;
     proc.stdin.write(keysLine(o.keys));

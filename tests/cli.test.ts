@@ -4,9 +4,11 @@
  * a temporary directory) only.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { feedStdin, keygen, tempDir, VpnProcess } from './helpers.ts';
+import { IP_DIRS, ipEnv, ipPath } from '../tundevice.ts';
+import { weakPassphrase } from '../vpn.ts';
+import { feedStdin, keygen, Pty, tempDir, VpnProcess } from './helpers.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
 // needs longer still says so itself.
@@ -332,6 +334,127 @@ describe('flags are checked once and evenly', () => {
       expect(r.stdout, r.all).toMatch(/Usage: .*serve/);
       expect(r.stdout, r.all).toContain('--forward');
       expect(r.stdout, r.all).toContain('--listen');
+    }
+  });
+});
+
+describe('secret hygiene', () => {
+  /** `connect` to a closed port with `args`: a secret that is accepted gets as far as the network (exit 1). */
+  async function connectWith(args: string[], env: Record<string, string> = {}) {
+    const p = new VpnProcess(['connect', `127.0.0.1:${closedPort()}`, ...args], { env: { VPN_SECRET: '', ...env } });
+    const code = await p.exit(8000);
+    return { code, stderr: p.stderr, all: `status ${code}\nstderr: ${p.stderr}` };
+  }
+
+  for (const mode of [0o644, 0o640, 0o604]) {
+    const m = mode.toString(8).padStart(4, '0');
+    test(`a key file with mode ${m} is refused: exit 2 naming the file, its mode and chmod 600`, async () => {
+      using d = tempDir();
+      const k = await keygen(d.path);
+      chmodSync(k, mode);
+      const r = await connectWith(['--key', k]);
+      expect(r.code, r.all).toBe(2);
+      expect(r.stderr, r.all).toContain(`key file ${k} has mode ${m}`);
+      expect(r.stderr, r.all).toContain(`chmod 600 ${k}`);
+      expect(r.stderr, r.all).toContain('--insecure-key-file');
+      expect(r.stderr, r.all).not.toContain('connection refused');
+    });
+  }
+
+  test('a key file from keygen (0600, ours) is accepted without a warning', async () => {
+    using d = tempDir();
+    const k = await keygen(d.path);
+    const r = await connectWith(['--key', k]);
+    expect(r.code, r.all).toBe(1); // the key was fine; the port is closed
+    expect(r.stderr, r.all).not.toContain('warning');
+  });
+
+  test('--insecure-key-file uses a 0644 key file, with a warning that names it and its mode', async () => {
+    using d = tempDir();
+    const k = await keygen(d.path);
+    chmodSync(k, 0o644);
+    const r = await connectWith(['--key', k, '--insecure-key-file']);
+    expect(r.code, r.all).toBe(1);
+    expect(r.stderr, r.all).toMatch(new RegExp(`^warning: key file ${k} has mode 0644.*--insecure-key-file.*chmod 600`, 'm'));
+  });
+
+  test('a 0600 key file owned by another user (nobody) is refused, even for root, and accepted with --insecure-key-file', async () => {
+    using d = tempDir();
+    const k = await keygen(d.path);
+    chownSync(k, 65534, 65534);
+    const r = await connectWith(['--key', k]);
+    expect(r.code, r.all).toBe(2);
+    expect(r.stderr, r.all).toContain(`key file ${k} is owned by uid 65534, not by this user (uid ${process.getuid!()})`);
+    expect(r.stderr, r.all).toContain(`chmod 600 ${k}`);
+    const ok = await connectWith(['--key', k, '--insecure-key-file']);
+    expect(ok.code, ok.all).toBe(1);
+    expect(ok.stderr, ok.all).toMatch(/^warning: key file .* is owned by uid 65534/m);
+  });
+
+  test('a directory or a FIFO given as --key is refused (exit 2) without hanging', async () => {
+    using d = tempDir();
+    const r = await connectWith(['--key', d.path]);
+    expect(r.code, r.all).toBe(2);
+    expect(r.stderr, r.all).toContain('not a regular file');
+    const fifo = join(d.path, 'fifo');
+    expect(Bun.spawnSync(['mkfifo', '-m', '600', fifo]).exitCode).toBe(0);
+    const f = await connectWith(['--key', fifo]);
+    expect(f.code, f.all).toBe(2);
+    expect(f.stderr, f.all).toContain('not a regular file');
+  });
+
+  test('weakPassphrase: under 12 characters, only digits, or one character repeated', () => {
+    expect(weakPassphrase('a')).toContain('shorter than 12');
+    expect(weakPassphrase('elevenchars')).toContain('shorter than 12');
+    expect(weakPassphrase('123456789012345')).toBe('is only digits');
+    expect(weakPassphrase('aaaaaaaaaaaaaaaa')).toBe('is one character repeated');
+    expect(weakPassphrase('twelve chars')).toBeNull();
+    expect(weakPassphrase('correct horse battery staple')).toBeNull();
+  });
+
+  test('a weak --secret or VPN_SECRET warns and points to keygen (and is still used); a strong one does not warn', async () => {
+    const weak = await connectWith(['--secret', 'a']);
+    expect(weak.code, weak.all).toBe(1);
+    expect(weak.stderr, weak.all).toMatch(/^warning: the passphrase from --secret is shorter than 12 characters; the salt is fixed.*keygen/m);
+    const digits = await connectWith([], { VPN_SECRET: '123456789012345' });
+    expect(digits.code, digits.all).toBe(1);
+    expect(digits.stderr, digits.all).toMatch(/^warning: the passphrase from VPN_SECRET is only digits;.*keygen/m);
+    const strong = await connectWith([], { VPN_SECRET: 'correct horse battery staple' });
+    expect(strong.code, strong.all).toBe(1);
+    expect(strong.stderr, strong.all).not.toContain('warning');
+  });
+
+  test('a weak prompted passphrase warns and points to keygen', async () => {
+    using t = new Pty(['connect', `127.0.0.1:${closedPort()}`], { VPN_SECRET: '' });
+    await t.waitFor(/passphrase: /);
+    await t.type('hunter2\r');
+    await t.waitFor(/the passphrase from the prompt is shorter than 12 characters;.*keygen/);
+    expect(await t.exit()).toBe(1);
+  });
+
+  test('ip is run by an absolute path from a fixed list, with an environment of its own (no VPN_SECRET)', () => {
+    const path = ipPath();
+    if (path !== null) {
+      expect(IP_DIRS.some((d) => path === `${d}/ip`)).toBe(true);
+      expect(ipPath()).toBe(path);
+    }
+    process.env.VPN_SECRET = 'must not reach ip';
+    try {
+      const env = ipEnv();
+      expect(Object.keys(env).sort()).toEqual(['LC_ALL', 'PATH']);
+      expect(env.PATH).toBe('/usr/sbin:/sbin:/usr/bin:/bin');
+      expect(JSON.stringify(env)).not.toContain('must not reach ip');
+    } finally {
+      delete process.env.VPN_SECRET;
+    }
+  });
+
+  test('--help documents --insecure-key-file and the passphrase rule, for serve and connect', async () => {
+    for (const cmd of ['serve', 'connect']) {
+      const r = await run([cmd, '--help']);
+      expect(r.code, r.all).toBe(0);
+      expect(r.stdout).toContain('--insecure-key-file');
+      expect(r.stdout).toContain('under 12 characters');
     }
   });
 });

@@ -4,7 +4,7 @@
  */
 import { describe, expect, setDefaultTimeout, test } from 'bun:test';
 import { readFileSync } from 'node:fs';
-import { workerArgs } from '../workers.ts';
+import { workerArgs, workerEnv } from '../workers.ts';
 import { keygen, random, sha256, tempDir, until, VpnProcess } from './helpers.ts';
 
 // These tests spawn real processes and move megabytes; bun test's 5 s default is too short for some. A test that
@@ -23,6 +23,52 @@ describe('serve --workers', () => {
     ]);
     expect(workerArgs(['--workers=3', '--listen=[::1]:0', '-v'], '[::1]:7')).toEqual(['--listen', '[::1]:7', '-v']);
   });
+
+  test('workerArgs drops --secret and its value, in both spellings; workerEnv keeps nothing secret', () => {
+    expect(workerArgs(['--secret', 'pw pw pw', '--forward', 'x:1', '--secret=pw2', '--workers', '2'], '127.0.0.1:5')).toEqual(['--listen', '127.0.0.1:5', '--forward', 'x:1']);
+    const env = workerEnv(3, { PATH: '/bin', HOME: '/root', VPN_SECRET: 'pw', AWS_SECRET_ACCESS_KEY: 'x', VPN_WORKER: '9' });
+    expect(env).toEqual({ PATH: '/bin', HOME: '/root', VPN_WORKER: '3' });
+  });
+
+  /** NUL-separated /proc/PID/cmdline or environ, as text (for a substring search). */
+  const procText = (pid: number, what: 'cmdline' | 'environ') => readFileSync(`/proc/${pid}/${what}`, 'utf8').replaceAll('\0', ' ');
+
+  for (const how of ['--secret', 'VPN_SECRET'] as const) {
+    test(`serve --workers 2 with the passphrase from ${how}: it is in no worker's argv or environment, and the workers serve with it`, async () => {
+      const secret = `pass-${Buffer.from(random(12)).toString('hex')}`;
+      const target = Bun.listen({
+        hostname: '127.0.0.1',
+        port: 0,
+        allowHalfOpen: true,
+        socket: { data: (s, d) => void s.write(d), end: (s) => void s.end(), error() {} },
+      });
+      const secretArgs = how === '--secret' ? ['--secret', secret] : [];
+      const env = { VPN_SECRET: how === 'VPN_SECRET' ? secret : '' };
+      using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--forward', `127.0.0.1:${target.port}`, ...secretArgs, '--workers', '2'], { env });
+      try {
+        const sport = await srv.listeningPort();
+        const workers = childrenOf(srv.pid);
+        expect(workers.length).toBe(2);
+        for (const w of workers) {
+          const cmdline = procText(w, 'cmdline');
+          const environ = procText(w, 'environ');
+          expect(cmdline).toContain('serve --listen 127.0.0.1:'); // it is a worker's we read
+          expect(environ).toContain('VPN_WORKER=');
+          expect(cmdline).not.toContain(secret);
+          expect(environ).not.toContain(secret);
+          expect(environ).not.toContain('VPN_SECRET');
+        }
+        using cli = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--local', '127.0.0.1:0'], { env: { VPN_SECRET: secret } });
+        const lport = await cli.listeningPort();
+        const data = random(5000);
+        expect(sha256(await echo(lport, data))).toBe(sha256(data));
+        srv.kill('SIGTERM');
+        expect(await srv.exit()).toBe(0);
+      } finally {
+        target.stop(true);
+      }
+    });
+  }
 
   /** An echo target, a server with `workers`, a --local client in front of it. */
   async function rig(dir: string, workers: number, extra: string[] = []) {
