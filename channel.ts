@@ -97,37 +97,52 @@ function nextIv(out: Uint8Array): void {
   ivPoolOff += IV_LEN;
 }
 
-/** D1: seals records for one direction. */
-export class ChannelSender {
-  private readonly engine: Engine;
-  private enc: Uint8Array;
-  private mac: KeyedMac;
-  private chain: Uint8Array;
-  private readonly ivSource?: (n: number) => Uint8Array;
-  trace?: FrameTracer;
-  closed = false;
+/**
+ * The keys and chain of one direction, shared by its sender and its receiver: set from the handshake (§5), replaced
+ * by a rekey (§7 REKEY).
+ */
+abstract class Direction {
+  protected enc: Uint8Array;
+  protected mac: KeyedMac;
+  protected chain: Uint8Array;
   frames = 0;
 
-  /** `ivSource` is for the known-answer vectors only; by default IVs are fresh CSPRNG output. */
-  constructor(engine: Engine, keys: DirectionKeys, ivSource?: (n: number) => Uint8Array) {
-    this.engine = engine;
+  constructor(
+    protected readonly engine: Engine,
+    keys: DirectionKeys,
+  ) {
     this.enc = keys.enc;
     this.mac = engine.mac(keys.mac);
     this.chain = keys.chain0.slice();
-    this.ivSource = ivSource;
   }
 
-  /** The chain value after the last frame sealed (§6): the MAC of that frame. */
+  /** The chain value after the last frame of this direction (§6): that frame's MAC. */
   get chainValue(): Uint8Array {
     return this.chain;
   }
 
-  /** Rekeying (§7 REKEY): every later frame uses `keys`; the old encryption key is wiped. */
+  /**
+   * Rekeying (§7 REKEY): every later frame is sealed or opened with `keys` (for a receiver the switch can fall between
+   * two frames of one chunk); the old encryption key is wiped.
+   */
   rekey(keys: DirectionKeys): void {
     this.enc.fill(0);
     this.enc = keys.enc;
     this.mac = this.engine.mac(keys.mac);
     this.chain = keys.chain0.slice();
+  }
+}
+
+/** D1: seals records for one direction. */
+export class ChannelSender extends Direction {
+  private readonly ivSource?: (n: number) => Uint8Array;
+  trace?: FrameTracer;
+  closed = false;
+
+  /** `ivSource` is for the known-answer vectors only; by default IVs are fresh CSPRNG output. */
+  constructor(engine: Engine, keys: DirectionKeys, ivSource?: (n: number) => Uint8Array) {
+    super(engine, keys);
+    this.ivSource = ivSource;
   }
 
   /** One record → one frame. Throws on an oversize payload or DATA after CLOSE (a caller bug, not a peer's). */
@@ -165,11 +180,7 @@ export class ChannelSender {
 export type RecordHandler = (type: RecordType, payload: Uint8Array) => void;
 
 /** D2: verifies and opens frames of one direction from a byte stream, in order. */
-export class ChannelReceiver {
-  private readonly engine: Engine;
-  private enc: Uint8Array;
-  private mac: KeyedMac;
-  private chain: Uint8Array;
+export class ChannelReceiver extends Direction {
   private hdr = new Uint8Array(LEN_LEN);
   private hdrHave = 0;
   private frame: Uint8Array | null = null;
@@ -178,30 +189,6 @@ export class ChannelReceiver {
   trace?: FrameTracer;
   /** a verified CLOSE arrived: the peer's direction is over */
   closed = false;
-  frames = 0;
-
-  constructor(engine: Engine, keys: DirectionKeys) {
-    this.engine = engine;
-    this.enc = keys.enc;
-    this.mac = engine.mac(keys.mac);
-    this.chain = keys.chain0.slice();
-  }
-
-  /** The chain value after the last frame verified (§6). */
-  get chainValue(): Uint8Array {
-    return this.chain;
-  }
-
-  /**
-   * Rekeying (§7 REKEY): frames after the one being delivered now are verified and opened with `keys` (the switch
-   * happens between two frames of the same chunk if need be); the old encryption key is wiped.
-   */
-  rekey(keys: DirectionKeys): void {
-    this.enc.fill(0);
-    this.enc = keys.enc;
-    this.mac = this.engine.mac(keys.mac);
-    this.chain = keys.chain0.slice();
-  }
 
   /** Bytes of an incomplete frame held right now (bounded by MAX_FRAME). */
   get buffered(): number {
