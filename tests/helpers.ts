@@ -209,7 +209,10 @@ export class Pty {
   private waiters: { re: RegExp; resolve: () => void }[] = [];
   private readonly done: Promise<void>;
   constructor(args: string[], env: Record<string, string> = {}) {
-    const p = Bun.spawn(['script', '-qfec', ['bun', 'vpn.ts', ...args].join(' '), '/dev/null'], {
+    // `exec`, so the terminal's foreground process is bun itself, as under an interactive shell: without it a
+    // non-interactive shell (dash when SHELL is unset, as under CI) stays in the foreground, gets the Ctrl-C too and
+    // exits 130 whatever bun did.
+    const p = Bun.spawn(['script', '-qfec', ['exec', process.execPath, 'vpn.ts', ...args].join(' '), '/dev/null'], {
       stdin: 'pipe',
       stdout: 'pipe',
       stderr: 'pipe',
