@@ -6,6 +6,8 @@
  *          | ver | IV (16) | E_wrap(SK) (32)   | R_A (32) |
  *     v2:  ... as v1 ...                                 81          113
  *                                                        | E_C (32)  |
+ *     v3:  ... as v2 ...                                             113         129
+ *                                                                    | H (16)    |
  *   Message 2, server → client (steps S2, C2)
  *     v1:  0          32                       64
  *          | R_B (32) | HMAC(K_auth, m1‖R_B‖"SRVR") |
@@ -16,8 +18,10 @@
  *          | HMAC(K_auth, m1‖m2‖"CLNT")          |
  *
  * SK is the client's random session key, wrapped with AES-256-CBC (no padding) under K_wrap. E_C/E_S are
- * ephemeral X25519 public keys (version 2, forward secrecy). Traffic keys: HKDF-SHA256 over SK (‖ DH in v2)
- * with salt R_A‖R_B and the transcript hash in `info` (§5).
+ * ephemeral X25519 public keys (versions 2 and 3, forward secrecy). H (version 3) is the key hint: HMAC(K_hint, R_A)
+ * cut to 16 bytes, by which a keyring server finds the client's key without the client naming itself (§3 S1, §4.1).
+ * Messages 2 and 3 of version 3 are those of version 2. Traffic keys: HKDF-SHA256 over SK (‖ DH from v2 on) with
+ * salt R_A‖R_B and the transcript hash in `info` (§5).
  *
  * Each message has one create/consume pair. A consume checks the exact length first, works on local values and
  * changes state only after every check has passed; any failure throws a VpnError and the caller drops the session.
@@ -26,12 +30,13 @@ import { concatBytes, equalBytes, randomBytes } from '@noble/ciphers/utils.js';
 import { hkdf } from '@noble/hashes/hkdf.js';
 import { scrypt } from '@noble/hashes/scrypt.js';
 import { sha256 } from '@noble/hashes/sha2.js';
-import { type Engine, MAC_LEN } from './engine.ts';
+import { type Engine, type KeyedMac, MAC_LEN, nobleEngine } from './engine.ts';
 import { VpnError } from './errors.ts';
 
 // ---- Specification constants (PROTOCOL.md §2) ----
 export const VERSION_1 = 0x01; // the original design's handshake
 export const VERSION_2 = 0x02; // + ephemeral X25519 (forward secrecy)
+export const VERSION_3 = 0x03; // + a key hint: a key per client (serve --keyring)
 export const VERSION_LEN = 1;
 export const IV_LEN = 16;
 export const KEY_LEN = 32;
@@ -40,10 +45,12 @@ export const NONCE_LEN = 32;
 export const PUB_LEN = 32;
 export const MSG1_V1_LEN = VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN + NONCE_LEN; // 81
 export const MSG1_V2_LEN = MSG1_V1_LEN + PUB_LEN; // 113
+export const HINT_LEN = 16;
+export const MSG1_V3_LEN = MSG1_V2_LEN + HINT_LEN; // 129
 export const MSG2_V1_LEN = NONCE_LEN + MAC_LEN; // 64
 export const MSG2_V2_LEN = NONCE_LEN + PUB_LEN + MAC_LEN; // 96
 export const MSG3_LEN = MAC_LEN; // 32
-export const MSG1_MAX_LEN = MSG1_V2_LEN;
+export const MSG1_MAX_LEN = MSG1_V3_LEN;
 /** Sent by a `--require-pfs` server instead of message 2 when it refuses version 1, then it closes (§3, S1). */
 export const REFUSE_V1 = new Uint8Array([0x00, 0x50, 0x46, 0x53]); // 0x00 "PFS"
 
@@ -53,7 +60,8 @@ export const LABEL_CLNT = te.encode('CLNT');
 export const SALT_KEYFILE = te.encode('vpn.ts key file');
 export const SALT_PASSPHRASE = te.encode('vpn.ts passphrase');
 export const INFO_LONG_TERM = te.encode('vpn.ts long-term keys');
-export const INFO_TRAFFIC = [te.encode('vpn.ts v1 traffic'), te.encode('vpn.ts v2 traffic')] as const;
+export const INFO_KEY_HINT = te.encode('vpn.ts key hint');
+export const INFO_TRAFFIC = [te.encode('vpn.ts v1 traffic'), te.encode('vpn.ts v2 traffic'), te.encode('vpn.ts v3 traffic')] as const;
 /** scrypt cost for passphrases (§4): N = 2^16, r = 8, p = 1, about 0.6 s and 64 MiB here. */
 export const SCRYPT = { N: 1 << 16, r: 8, p: 1, dkLen: 32 } as const;
 export const KEYFILE_LEN = 32;
@@ -65,6 +73,47 @@ export interface LongTermKeys {
   readonly wrap: Uint8Array;
   /** keys the handshake HMACs of messages 2 and 3 */
   readonly auth: Uint8Array;
+  /** keys the hint of a version 3 message 1 (§4.1); key files only, not passphrases */
+  readonly hint?: Uint8Array;
+}
+
+/** A key the server knows, and whose it is: a keyring entry's name, or null for the one shared key. */
+export interface ClientKey {
+  readonly name: string | null;
+  readonly keys: LongTermKeys;
+}
+
+/**
+ * What a server authenticates clients with (§3 S1): the one shared key (`--key`), or a keyring (`--keyring`).
+ */
+export interface ServerKeys {
+  /** the key of version 1 and 2 clients, which send no hint; null when every client must name its key (a keyring) */
+  readonly shared: ClientKey | null;
+  /**
+   * Version 3: the key whose hint over R_A is H, or null. It MUST try every key it holds whatever the answer (the time
+   * it takes must not tell which key matched) and compare in constant time.
+   */
+  find(ra: Uint8Array, h: Uint8Array): ClientKey | null;
+}
+
+/** The hint of a version 3 message 1 (§3 C1.3): HMAC(K_hint, R_A) cut to HINT_LEN bytes. */
+export function keyHint(mac: KeyedMac, ra: Uint8Array): Uint8Array {
+  return mac(ra).subarray(0, HINT_LEN);
+}
+
+/** ServerKeys for one key (`serve --key`): version 1 and 2 clients, and version 3 ones whose hint it matches. */
+export function sharedKey(keys: LongTermKeys, name: string | null = null): ServerKeys {
+  const entry: ClientKey = { name, keys };
+  const mac = keys.hint ? hintMac(keys.hint) : null;
+  return {
+    shared: entry,
+    find: (ra, h) => (mac !== null && equalBytes(keyHint(mac, ra), h) ? entry : null),
+  };
+}
+
+/** HMAC-SHA256 keyed once by K_hint (noble, with the keyed state prepared once: two compressions per hint). */
+export function hintMac(kHint: Uint8Array): KeyedMac {
+  return nobleEngine.mac(kHint);
 }
 
 /** One direction's keys and the starting value of its HMAC chain (§5). */
@@ -91,7 +140,8 @@ function longTerm(ikm: Uint8Array, salt: Uint8Array): LongTermKeys {
 /** §4: a 32-byte key file → long-term keys (HKDF-SHA256). Throws USAGE when the key is not 32 bytes. */
 export function keysFromKeyFile(key: Uint8Array): LongTermKeys {
   if (key.length !== KEYFILE_LEN) throw new VpnError('USAGE', `key must be ${KEYFILE_LEN} bytes, got ${key.length}`);
-  return longTerm(key, SALT_KEYFILE);
+  // §4.1: K_hint from the same key under its own info; HKDF's separate info keeps it independent of K_wrap, K_auth.
+  return { ...longTerm(key, SALT_KEYFILE), hint: hkdf(sha256, key, SALT_KEYFILE, INFO_KEY_HINT, KEY_LEN) };
 }
 
 /** §4: a passphrase → scrypt → HKDF-SHA256 → long-term keys. Slow on purpose (about half a second). */
@@ -184,7 +234,8 @@ export class ClientHandshake implements Handshake {
   keys: TrafficKeys | null = null;
 
   constructor(lt: LongTermKeys, version: number, o: HandshakeOptions) {
-    if (version !== VERSION_1 && version !== VERSION_2) throw new VpnError('USAGE', `unknown protocol version ${version}`);
+    if (version !== VERSION_1 && version !== VERSION_2 && version !== VERSION_3) throw new VpnError('USAGE', `unknown protocol version ${version}`);
+    if (version === VERSION_3 && !lt.hint) throw new VpnError('USAGE', 'protocol version 3 needs a key file (a passphrase has no key hint)');
     this.lt = lt;
     this.version = version;
     this.o = o;
@@ -192,7 +243,7 @@ export class ClientHandshake implements Handshake {
 
   nextLength(): number | null {
     if (this.state !== 'awaiting message 2') return 0;
-    return this.version === VERSION_2 ? MSG2_V2_LEN : MSG2_V1_LEN;
+    return this.version >= VERSION_2 ? MSG2_V2_LEN : MSG2_V1_LEN;
   }
 
   consume(message: Uint8Array): Uint8Array {
@@ -212,11 +263,13 @@ export class ClientHandshake implements Handshake {
     const ra = rnd(NONCE_LEN);
     const wrapped = this.o.engine.encryptCbc(this.lt.wrap, iv, sk, false);
     const parts = [new Uint8Array([this.version]), iv, wrapped, ra];
-    if (this.version === VERSION_2) {
+    if (this.version >= VERSION_2) {
       const e = this.o.engine;
       this.eph = this.o.random ? (() => { const s = rnd(KEY_LEN); return { secretKey: s, publicKey: e.x25519Public(s) }; })() : e.x25519Keygen();
       parts.push(this.eph.publicKey);
     }
+    const h = this.version === VERSION_3 ? keyHint(hintMac(this.lt.hint!), ra) : null;
+    if (h) parts.push(h);
     const m1 = concatBytes(...parts);
     const t = this.o.trace;
     if (t) {
@@ -225,6 +278,7 @@ export class ClientHandshake implements Handshake {
       t('C1 wrapped session key', wrapped);
       t('C1 R_A', ra);
       if (this.eph) t('C1 E_C (ephemeral public)', this.eph.publicKey);
+      if (h) t('C1 H (key hint)', h);
       t('message 1', m1);
     }
     this.sk = sk;
@@ -241,7 +295,7 @@ export class ClientHandshake implements Handshake {
   }
 
   private c2(m2: Uint8Array): Uint8Array {
-    const v2 = this.version === VERSION_2;
+    const v2 = this.version >= VERSION_2;
     expectLen('message 2', m2, v2 ? MSG2_V2_LEN : MSG2_V1_LEN);
     const body = m2.subarray(0, m2.length - MAC_LEN);
     const mac = m2.subarray(m2.length - MAC_LEN);
@@ -279,13 +333,16 @@ export class ClientHandshake implements Handshake {
 export function message1Length(versionByte: number): number {
   if (versionByte === VERSION_1) return MSG1_V1_LEN;
   if (versionByte === VERSION_2) return MSG1_V2_LEN;
+  if (versionByte === VERSION_3) return MSG1_V3_LEN;
   throw new VpnError('AUTH_FAILED', `unknown protocol version byte 0x${versionByte.toString(16).padStart(2, '0')} (not a vpn client)`);
 }
 
 /** The server side: consumeMessage1 (S1, returns message 2 = S2), then consumeMessage3 (S3) → traffic keys. */
 export class ServerHandshake implements Handshake {
   state: HandshakeState = 'awaiting message 1';
-  private readonly lt: LongTermKeys;
+  private readonly keyring: ServerKeys;
+  /** the client's key, found at S1 (the shared one, or the keyring entry whose hint matched) */
+  client: ClientKey | null = null;
   private readonly o: HandshakeOptions & { requirePfs?: boolean };
   private m1: Uint8Array | null = null;
   private m2: Uint8Array | null = null;
@@ -295,9 +352,14 @@ export class ServerHandshake implements Handshake {
   version = 0;
   keys: TrafficKeys | null = null;
 
-  constructor(lt: LongTermKeys, o: HandshakeOptions & { requirePfs?: boolean }) {
-    this.lt = lt;
+  /** `keys`: one shared key (LongTermKeys, as `serve --key`), or ServerKeys (a keyring). */
+  constructor(keys: LongTermKeys | ServerKeys, o: HandshakeOptions & { requirePfs?: boolean }) {
+    this.keyring = 'find' in keys ? keys : sharedKey(keys);
     this.o = o;
+  }
+
+  private get lt(): LongTermKeys {
+    return this.client!.keys;
   }
 
   nextLength(head: Uint8Array): number | null {
@@ -326,11 +388,22 @@ export class ServerHandshake implements Handshake {
     if (version === VERSION_1 && this.o.requirePfs) {
       throw new VpnError('PFS_REQUIRED', 'the client offered protocol version 1 (no forward secrecy) and --require-pfs is set');
     }
+    // S1.3: whose key. Version 3 names it by its hint (every key is tried, in constant time each); versions 1 and 2
+    // can only use the shared key, which a keyring server does not have.
+    let client: ClientKey | null;
+    if (version === VERSION_3) {
+      const ra = m1.subarray(VERSION_LEN + IV_LEN + WRAPPED_KEY_LEN, MSG1_V1_LEN);
+      client = this.keyring.find(ra, m1.subarray(MSG1_V2_LEN, MSG1_V3_LEN));
+      if (!client) throw new VpnError('AUTH_FAILED', 'message 1 names no key this server holds (an unknown or revoked client key)');
+    } else {
+      client = this.keyring.shared;
+      if (!client) throw new VpnError('AUTH_FAILED', `the client offered protocol version ${version}, which names no key; this server (--keyring) takes only client keys from its keyring (version 3)`);
+    }
     const rnd = this.o.random ?? randomBytes;
     const rb = rnd(NONCE_LEN);
     const body = [rb];
     let eph: KeyPair | null = null;
-    if (version === VERSION_2) {
+    if (version >= VERSION_2) {
       // S1.4 without the scalar multiplication: a low-order E_C is refused by its encoding (the same set of keys
       // whose DH is all zero), and DH itself waits for S3, after m3 verified — mac2 does not cover it, so a
       // stranger's message 1 costs one key pair (often a prepared one) and one HMAC (PROTOCOL.md §3 S1.5, §11.18).
@@ -340,7 +413,7 @@ export class ServerHandshake implements Handshake {
       body.push(eph.publicKey);
     }
     const bodyBytes = concatBytes(...body);
-    const mac = this.o.engine.mac(this.lt.auth)(m1, bodyBytes, LABEL_SRVR);
+    const mac = this.o.engine.mac(client.keys.auth)(m1, bodyBytes, LABEL_SRVR);
     const m2 = concatBytes(bodyBytes, mac);
     if (this.o.trace) {
       this.o.trace('message 1', m1);
@@ -349,6 +422,7 @@ export class ServerHandshake implements Handshake {
       this.o.trace('message 2', m2);
     }
     this.version = version;
+    this.client = client;
     this.m1 = m1.slice();
     this.m2 = m2;
     this.rb = rb;

@@ -18,6 +18,7 @@ import { formatAddress } from './address.ts';
 import { asVpnError, EXIT_NETWORK, EXIT_OK, VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { dial, type Link, listen } from './net.ts';
+import { type Keyring, type KeyringEntry, KeyringFile } from './keyring.ts';
 import { escapeText, type Json, Session, type SessionApp, type SessionBase } from './session.ts';
 
 /** What a mode supplies: its CONFIG, its app, and what its open sessions do when the process shuts down. */
@@ -48,7 +49,7 @@ function acceptAnswer(mode: { accept?(answer: Json): VpnError | null }, s: Sessi
 
 /** One line for the end of a session: a failed handshake (rate-limited per address), a refusal, or its figures. */
 export function logSessionEnd(session: Session, err: VpnError | null, refused = false): void {
-  const peer = session.peer;
+  const peer = who(session);
   const host = peer.replace(/:\d+$/, '');
   if (refused && err) {
     log.limited('warn', `refused|${host}|${err.code}`, `session refused ${peer}: ${err.message}`);
@@ -62,6 +63,53 @@ export function logSessionEnd(session: Session, err: VpnError | null, refused = 
   const line = `session closed ${peer} after ${secs} s, ${session.bytesIn} bytes in, ${session.bytesOut} bytes out: ${err ? err.message : 'clean end'}`;
   if (err) log.limited('error', `session closed|${host}|${err.code}`, line);
   else log.info(line);
+}
+
+/** `alice 198.51.100.7:51234` for a keyring client, the address alone otherwise: how logs name a session's peer. */
+export function who(session: Session): string {
+  const name = session.clientName;
+  return name === null ? session.peer : `${name} ${session.peer}`;
+}
+
+/** The keyring entry's `modes=` against the mode the client asked for (§8): a refusal, or null. */
+function modeAllowed(session: Session, peer: Json): VpnError | null {
+  const modes = (session.clientKey as KeyringEntry | null)?.modes;
+  if (!modes) return null;
+  const asked = typeof peer.mode === 'string' ? peer.mode : '';
+  if (modes.includes(asked)) return null;
+  return new VpnError('USAGE', `the key of ${session.clientName} may not be used for ${modeName(peer.mode)} here (its keyring entry allows ${modes.join(', ')})`);
+}
+
+/**
+ * SIGHUP on a keyring server: read the keyring again. A bad file keeps the old keyring (logged with file and line);
+ * otherwise every open session whose key was removed or changed ends at once — told why in an authenticated CLOSE —
+ * and the others go on untouched.
+ */
+function watchKeyring(keys: KeyringFile, life: Lifecycle): () => void {
+  const onHup = () => {
+    let prev: Keyring;
+    try {
+      prev = keys.reload();
+    } catch (e) {
+      log.error(`keyring reload failed, keeping the keyring loaded before: ${asVpnError(e).message}`);
+      return;
+    }
+    const next = keys.current;
+    let ended = 0;
+    for (const s of life.sessions()) {
+      const name = s.clientName;
+      if (name === null || prev.sameKey(name, next)) continue;
+      const why = next.get(name) ? 'was replaced by a new key' : 'was removed from the keyring';
+      log.warn(`session of ${name} (${s.peer}) ends: its key ${why} (SIGHUP)`);
+      const err = new VpnError('AUTH_FAILED', `the server revoked this client key (the key of ${name} ${why})`);
+      if (s.opened) s.refuse(err);
+      else s.abort(err);
+      ended++;
+    }
+    log.info(`keyring ${keys.path} reloaded: ${next.size} client key${next.size === 1 ? '' : 's'}${ended ? `, ${ended} session(s) of removed keys ended` : ''}`);
+  };
+  process.on('SIGHUP', onHup);
+  return () => process.off('SIGHUP', onHup);
 }
 
 /**
@@ -282,6 +330,11 @@ class Lifecycle {
     this.conns.add(c);
   }
 
+  /** The sessions of the live connections. */
+  sessions(): Session[] {
+    return [...this.conns].map((c) => c.session).filter((s): s is Session => s !== null);
+  }
+
   remove(c: Conn): void {
     this.conns.delete(c);
     if (this.conns.size === 0) this.allGone?.resolve();
@@ -361,6 +414,7 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
   const life = new Lifecycle(o.graceMs, mode.onShutdown);
   const first = Promise.withResolvers<number>();
   const signal = life.watchSignals(); // before the `listening on` line: whoever reads it may signal at once
+  const unwatchKeyring = base.keys instanceof KeyringFile ? watchKeyring(base.keys, life) : () => {};
   const listener = await listen(
     o.listen,
     (link) => {
@@ -388,6 +442,11 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
           return new VpnError('NETWORK', `connection limit reached (--max-conns ${limiter.max}); try again later`);
         }
         counted = true;
+        const notHere = modeAllowed(session, peer);
+        if (notHere) {
+          refused = true;
+          return notHere;
+        }
         const answer = mode.config(peer, session);
         if (answer instanceof VpnError) refused = true;
         return answer;
@@ -395,7 +454,7 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
       const conn: Conn = { session: null, abort: (err) => session.abort(err) };
       const session: Session = new Session(link, { ...base, role: 'server', config }, {
         onOpen: (s, cfg) => {
-          log.info(`session opened ${s.peer} (protocol v${s.version})`);
+          log.info(`session opened ${who(s)} (protocol v${s.version})`);
           const line = mode.describe?.(s);
           if (line) log.info(line);
           app!.onOpen(s, cfg);
@@ -427,6 +486,7 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
   })]);
   listener.stop();
   life.unwatchSignals();
+  unwatchKeyring();
   await o.beforeExit?.();
   return status;
 }

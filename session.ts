@@ -24,7 +24,7 @@ import { bytesToHex } from '@noble/hashes/utils.js';
 import { ChannelReceiver, ChannelSender, MAX_PAYLOAD, RECORD, type RecordType } from './channel.ts';
 import type { Engine } from './engine.ts';
 import { asVpnError, VpnError } from './errors.ts';
-import { ClientHandshake, type DirectionKeys, type Handshake, type LongTermKeys, REFUSE_V1, ServerHandshake, VERSION_2 } from './handshake.ts';
+import { ClientHandshake, type ClientKey, type DirectionKeys, type Handshake, type LongTermKeys, REFUSE_V1, ServerHandshake, type ServerKeys, VERSION_2 } from './handshake.ts';
 import { readRekey, REKEY_AFTER_BYTES, REKEY_DONE, REKEY_INIT, REKEY_REPLY, rekeyDh, rekeyDirection, rekeyPayload } from './rekey.ts';
 
 // ---- Tuning constants (not part of the protocol) ----
@@ -57,9 +57,10 @@ export interface Transport {
 
 export interface SessionOptions {
   role: 'client' | 'server';
-  keys: LongTermKeys;
+  /** client: its key. server: the one shared key, or every client's (a keyring: ServerKeys) */
+  keys: LongTermKeys | ServerKeys;
   engine: Engine;
-  /** client: protocol version to offer (1 = `--no-pfs`, 2 = default) */
+  /** client: protocol version to offer (1 = `--no-pfs`, 2 = default, 3 = a client key of a keyring) */
   version?: number;
   /** server: refuse version 1 */
   requirePfs?: boolean;
@@ -146,7 +147,7 @@ export class Session {
     const trace = this.hsTracer();
     this.hs =
       o.role === 'client'
-        ? new ClientHandshake(o.keys, o.version ?? VERSION_2, { engine: o.engine, trace })
+        ? new ClientHandshake(o.keys as LongTermKeys, o.version ?? VERSION_2, { engine: o.engine, trace })
         : new ServerHandshake(o.keys, { engine: o.engine, requirePfs: o.requirePfs, trace });
   }
 
@@ -175,6 +176,14 @@ export class Session {
   }
   get peer(): string {
     return this.transport.peer;
+  }
+  /** server: the name of the client's key (a keyring entry), once message 1 named it; null for the shared key */
+  get clientName(): string | null {
+    return this.hs instanceof ServerHandshake ? (this.hs.client?.name ?? null) : null;
+  }
+  /** server: the client's key (its keyring entry), once message 1 named it */
+  get clientKey(): ClientKey | null {
+    return this.hs instanceof ServerHandshake ? this.hs.client : null;
   }
   /** protocol version in use (0 until message 1 named one) */
   get version(): number {
@@ -370,7 +379,7 @@ export class Session {
     this.phaseNow = 'config';
     if (this.o.role === 'client') {
       const offer: Json = { ...(this.o.config({}) as Json), ack: true };
-      if (this.version === VERSION_2) offer.rekey = true;
+      if (this.version >= VERSION_2) offer.rekey = true;
       this.sendConfig(offer); // C3: CONFIG right behind message 3 (§8)
     }
     const rest = this.hsBuf;
@@ -538,7 +547,7 @@ export class Session {
         return;
       }
       this.acked = peer.ack === true;
-      this.rekeying = peer.rekey === true && this.version === VERSION_2;
+      this.rekeying = peer.rekey === true && this.version >= VERSION_2;
       const full: Json = { ...answer };
       if (this.acked) full.ack = true;
       if (this.rekeying) full.rekey = true;
@@ -550,7 +559,7 @@ export class Session {
         return;
       }
       this.acked = peer.ack === true;
-      this.rekeying = peer.rekey === true && this.version === VERSION_2;
+      this.rekeying = peer.rekey === true && this.version >= VERSION_2;
     }
     this.o.trace?.(`rekeying: ${this.rekeying ? 'on' : 'off'}`);
     this.o.trace?.(`acknowledged close: ${this.acked ? 'on (both sides offered it)' : "off (the peer did not offer it): a clean end means all was sent, not that the peer verified it"}`);

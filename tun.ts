@@ -546,6 +546,41 @@ export interface TunServerOptions {
   /** pushed to every client: IPv4 routes (needs `address`) and IPv6 routes (needs `address6`) */
   routes: Cidr[];
   routes6: Cidr6[];
+  /** `--keyring`: the addresses bound to each client key (keyring.ts TunBindings); a keyed client gets exactly those */
+  bindings?: { of(name: string): { v4: number | null; v6: bigint | null } };
+}
+
+/**
+ * A keyring client's CONFIG with its bound addresses as the request (§8.5): the key decides the address, never the
+ * client. A request for another address is refused; a previous session still holding the address is ended (the
+ * client reconnected before the server noticed the old connection was gone), as WireGuard's latest handshake wins.
+ */
+function boundRequest(peer: Json, name: string, b: { v4: number | null; v6: bigint | null }, pools: TunPools, holder: (a: number | bigint) => Session | undefined): Json | VpnError {
+  const asked = [typeof peer.request === 'string' ? peer.request : null, typeof peer.request6 === 'string' ? peer.request6 : null];
+  const mine = [b.v4 === null ? null : formatIPv4(b.v4), b.v6 === null ? null : formatIPv6(b.v6)];
+  for (const a of asked) {
+    if (a === null) continue;
+    const bare = a.replace(/\/\d+$/, '');
+    if (!mine.includes(bare)) return new VpnError('USAGE', `asked for ${escapeText(a, 50)}, but the key of ${name} is bound to ${mine.filter((x) => x !== null).join(' and ') || 'no address'} on this server; connect with --tun auto`);
+  }
+  for (const a of [b.v4, b.v6]) {
+    if (a === null) continue;
+    const old = holder(a);
+    if (old) {
+      log.warn(`a new session of ${name} takes over ${typeof a === 'bigint' ? formatIPv6(a) : formatIPv4(a)} from its previous one (${old.peer})`);
+      old.refuse(new VpnError('NETWORK', `replaced by a newer session of ${name}`));
+    }
+  }
+  // The families the client asked for (an old client sends none: IPv4 only), each at its bound address.
+  const families = Array.isArray(peer.families) ? peer.families : [FAMILY4];
+  const want4 = asked[0] !== null || families.includes(FAMILY4);
+  const want6 = asked[1] !== null || families.includes(FAMILY6);
+  return {
+    ...peer,
+    request: !want4 || b.v4 === null || !pools.v4 ? null : `${formatIPv4(b.v4)}/${pools.v4.prefix}`,
+    request6: !want6 || b.v6 === null || !pools.v6 ? null : `${formatIPv6(b.v6)}/${pools.v6.prefix}`,
+    families: [...(want4 && b.v4 !== null ? [FAMILY4] : []), ...(want6 && b.v6 !== null ? [FAMILY6] : [])],
+  };
 }
 
 /**
@@ -587,6 +622,13 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
   const mode: Mode = {
     onShutdown: 'close', // packets are no stream to cut: tell every client we are going
     config: (peer: Json, session: Session): Json | VpnError => {
+      const name = session.clientName;
+      if (o.bindings && name !== null && peer.mode === 'tun') {
+        const holder = (a: number | bigint) => [...addrs].find(([, x]) => x.v4 === a || x.v6 === a)?.[0];
+        const bound = boundRequest(peer, name, o.bindings.of(name), pools, holder);
+        if (bound instanceof VpnError) return bound;
+        peer = bound;
+      }
       const r = answerTunClient(peer, pools, offer);
       if (r instanceof VpnError) return r;
       addrs.set(session, r.addrs);

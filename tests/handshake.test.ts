@@ -292,7 +292,7 @@ describe('exact lengths (§3)', () => {
 });
 
 describe('protocol versions (§3)', () => {
-  test.each([0x00, 0x03, 0x7f, 0x80, 0xff].map((b) => [b.toString(16).padStart(2, '0'), b] as const))(
+  test.each([0x00, 0x04, 0x7f, 0x80, 0xff].map((b) => [b.toString(16).padStart(2, '0'), b] as const))(
     'the server rejects an unknown version byte 0x%s',
     (_hex, b) => {
     expectVpnError(() => message1Length(b), 'AUTH_FAILED');
@@ -304,7 +304,9 @@ describe('protocol versions (§3)', () => {
   );
 
   test('a client cannot be made to offer an unknown version', () => {
-    for (const v of [0, 3, 255]) expectVpnError(() => new ClientHandshake(freshSecret(), v, { engine: nobleEngine }), 'USAGE');
+    for (const v of [0, 4, 255]) expectVpnError(() => new ClientHandshake(freshSecret(), v, { engine: nobleEngine }), 'USAGE');
+    // Version 3 needs a key file's K_hint: a passphrase's keys have none.
+    expectVpnError(() => new ClientHandshake({ wrap: rand(32), auth: rand(32) }, 3, { engine: nobleEngine }), 'USAGE');
   });
 
   test('a --require-pfs server refuses version 1 with PFS_REQUIRED and still accepts version 2', () => {
