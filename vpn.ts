@@ -6,18 +6,21 @@
  * (PROTOCOL.md); the modes are in stdio.ts, forward.ts and tun.ts; the sockets in net.ts.
  */
 import { randomBytes } from '@noble/ciphers/utils.js';
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { type Address, type Cidr, type Cidr6, DEFAULT_HOST, DEFAULT_PORT, formatPrefix, isCidr6, parseAddress, parseAnyRoute, parsePrefix, type Prefix } from './address.ts';
 import { ENGINE_NAMES, getEngine } from './engine.ts';
 import { asVpnError, EXIT_OK, EXIT_USAGE, VpnError } from './errors.ts';
+import { type Config, flagsToArgs, locate, mergeFlags, readConfig } from './config.ts';
 import { forwardMode, localMode } from './forward.ts';
-import { keysFromKeyFile, keysFromPassphrase, KEYFILE_LEN, type LongTermKeys, VERSION_1, VERSION_2 } from './handshake.ts';
+import { keysFromKeyFile, keysFromPassphrase, KEYFILE_LEN, type LongTermKeys, VERSION_1, VERSION_2, VERSION_3 } from './handshake.ts';
+import { addClient, type KeyFile, KeyringFile, TunBindings, MODES as KEY_MODES, parseKeyFile, readPrivateFile, writeNewPrivateFile } from './keyring.ts';
 import { log } from './log.ts';
+import { CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, type DropPlan, dropPrivileges, planDrop } from './privileges.ts';
 import { REKEY_AFTER_MS } from './rekey.ts';
 import { connectOne, serve, serveLocal } from './server.ts';
 import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
-import { DEFAULT_MTU, MAX_MTU, MAX_ROUTES, MIN_MTU, MIN_MTU6, openTunClient, openTunServer } from './tun.ts';
+import { AddressPool, AddressPool6, DEFAULT_MTU, MAX_MTU, MAX_ROUTES, MIN_MTU, MIN_MTU6, openTunClient, openTunServer } from './tun.ts';
 import { checkIfName, checkTunSupport, DEFAULT_NAME } from './tundevice.ts';
 import { keysFromSupervisor, MAX_WORKERS, superviseWorkers, workerIndex } from './workers.ts';
 import pkg from './package.json' with { type: 'json' };
@@ -28,11 +31,14 @@ const USAGE_MAIN = `vpn ${VERSION} — a shared-secret VPN over TCP
 
 Usage:
   bun vpn.ts keygen PATH                   write a new random 256-bit key to PATH (mode 0600)
+  bun vpn.ts keygen --client NAME --keyring FILE OUT.key
+                                           a key for one client of a server's keyring
   bun vpn.ts serve   [options]             accept tunnels (default 127.0.0.1:${DEFAULT_PORT})
   bun vpn.ts connect [HOST:PORT] [options] open a tunnel to a server
   bun vpn.ts help COMMAND | COMMAND --help | --version
 
-Both ends must share a secret: a key file from keygen (best) or a passphrase.
+Both ends must share a secret: a key file from keygen (best) or a passphrase;
+or the server holds a keyring with one key per client (serve --keyring).
 By default a tunnel joins stdin/stdout to the peer: a line chat on a terminal,
 a byte pipe like nc otherwise.
 
@@ -66,6 +72,12 @@ const COMMON_HELP = `Common options:
   --step                 with -v, on a terminal: wait for Enter before each handshake message
                          (a teaching aid; the handshake timeout waits too)
   --quiet                log errors only
+  --config FILE          take options from a TOML file: its keys are the long flags without --
+                         (listen = "0.0.0.0:32694", workers = 2, route = ["10.0.0.0/8"]);
+                         flags on the command line override the file's values
+  --user NAME            with --tun, as root: once the interface is up, run as user NAME (and
+  --group NAME           its group, or --group NAME), keeping only CAP_NET_ADMIN (a client's
+                         routes) or, on a port below 1024, CAP_NET_BIND_SERVICE (a server)
   -h, --help             this help`;
 
 const USAGE_SERVE = `Usage: bun vpn.ts serve [--listen HOST:PORT] [--key PATH | --secret TEXT] [options]
@@ -85,6 +97,11 @@ keeps listening; each session's bytes go to stdout and come from stdin.
   --workers N            with --forward: N worker processes share the TCP port (SO_REUSEPORT),
                          so that one server uses N cores; --max-conns counts per worker
   --require-pfs          refuse clients that offer protocol version 1 (--no-pfs)
+  --keyring FILE         a key per client instead of --key: FILE lists the clients by name, one
+                         per line (keygen --client adds one); logs name each client, a TUN
+                         client gets the address bound to its key (tun=, or one derived from
+                         its name); SIGHUP re-reads FILE and ends the sessions of removed keys
+                         (a bad file keeps the old keyring); mode 0600 like a key file
   --tun ADDR/PREFIX      TUN mode (Linux, root): a layer-3 VPN; this server is ADDR on a new
                          interface and hands each client a free address of the subnet. Give
                          it twice for dual-stack, one IPv4 and one IPv6 prefix
@@ -151,10 +168,23 @@ Examples:
 `;
 
 const USAGE_KEYGEN = `Usage: bun vpn.ts keygen PATH
+       bun vpn.ts keygen --client NAME --keyring FILE [--tun-address ADDR] [--modes LIST] OUT.key
 
 Write a fresh random 256-bit key (64 hex digits) to PATH with mode 0600.
 Refuses to overwrite an existing file. Copy PATH to the other machine over a
 channel you trust (scp, a password manager) and pass it to both ends with --key.
+
+With --client: a key for the client NAME of a server's keyring (serve --keyring FILE).
+It is added to FILE (created with mode 0600 if absent) and written, with NAME, to OUT.key
+(mode 0600), which the client uses as its --key; the server never needs OUT.key. Send the
+server SIGHUP to load the new key. A name or address FILE has already is refused.
+  --client NAME          letters, digits, ".", "_", "-"; up to 32 characters; what logs call it
+  --keyring FILE         the server's keyring
+  --tun-address ADDR     bind this TUN address to the key (repeat for one IPv4 and one IPv6);
+                         without it a TUN server gives the client an address derived from NAME
+  --modes LIST           what the key may be used for: a comma list of tun, forward, stdio, chat
+                         (default: everything)
+  --insecure-key-file    accept a FILE that group or others can read (warns)
 `;
 
 // ---- argv → typed options ----
@@ -175,6 +205,9 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   'handshake-timeout': { kind: 'string' },
   keepalive: { kind: 'string' },
   help: { kind: 'boolean', short: 'h' },
+  config: { kind: 'string' },
+  user: { kind: 'string' },
+  group: { kind: 'string' },
   forward: { kind: 'string' },
   local: { kind: 'string' },
   'max-conns': { kind: 'string' },
@@ -189,14 +222,20 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   'no-reconnect': { kind: 'boolean' },
   'accept-routes': { kind: 'boolean' },
   'insecure-key-file': { kind: 'boolean' },
+  keyring: { kind: 'string' },
+  client: { kind: 'string' },
+  'tun-address': { kind: 'list' },
+  modes: { kind: 'string' },
 };
 
 const COMMON = ['key', 'secret', 'insecure-key-file', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
 const COMMAND_FLAGS: Record<string, string[]> = {
-  serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers'],
+  serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers', 'keyring'],
   connect: [...COMMON, 'no-pfs', 'local', 'rekey-after', 'no-reconnect', 'accept-routes'],
-  keygen: ['help'],
+  keygen: ['help', 'client', 'keyring', 'tun-address', 'modes', 'insecure-key-file'],
 };
+for (const c of ['serve', 'connect']) COMMAND_FLAGS[c]!.push('config', 'user', 'group'); // config.ts; privileges.ts (TUN)
+export { COMMAND_FLAGS, OPTIONS }; // config.ts's keys, for tests/ops-config.test.ts
 const COMMANDS = Object.keys(COMMAND_FLAGS);
 
 interface Flags {
@@ -307,7 +346,7 @@ function refuse(f: Flags, names: string[], why: (flag: string) => string): void 
 
 // ---- TUN options ----
 
-const TUN_ONLY = ['tun-name', 'mtu', 'route'];
+const TUN_ONLY = ['tun-name', 'mtu', 'route', 'user', 'group'];
 
 function tunName(f: Flags): string {
   return checkIfName(str(f, 'tun-name') ?? DEFAULT_NAME);
@@ -350,54 +389,25 @@ function tunFlagsAlone(f: Flags, how: string): void {
   if (given.length > 0) throw new VpnError('USAGE', `${given.join(', ')} only ${given.length > 1 ? 'apply' : 'applies'} in TUN mode; add ${how}`);
 }
 
+/** --user/--group: whom a TUN process becomes once its interface is up (privileges.ts), or null. */
+function privilegeDrop(f: Flags): DropPlan | null {
+  const user = str(f, 'user');
+  if (user === undefined) {
+    refuse(f, ['group'], () => '--group needs --user (the user to run as once the interface is up)');
+    return null;
+  }
+  return planDrop(user, str(f, 'group'));
+}
+
 // ---- secrets ----
 
 /**
- * Read a key file written by keygen: 64 hex digits (whitespace around them is ignored). The file is opened once and
- * the open descriptor is checked (fstat) and read, so what is checked is what is read. A file that group or others
- * may read, or that another user owns, is refused (USAGE), as ssh refuses such a key, unless `insecure` (then it
- * warns); so is anything but a regular file.
+ * Read a key file written by keygen (64 hex digits) or keygen --client (its name and key). The file is opened once
+ * and the open descriptor checked and read (keyring.ts readPrivateFile): one that group or others may read, or that
+ * another user owns, is refused (USAGE), as ssh refuses such a key, unless `insecure` (then it warns).
  */
-export function readKeyFile(path: string, insecure = false): Uint8Array {
-  const failed = (e: unknown) => new VpnError('USAGE', `cannot read key file ${path} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
-  let fd: number;
-  try {
-    fd = openSync(path, fsc.O_RDONLY | fsc.O_NOCTTY | fsc.O_NONBLOCK);
-  } catch (e) {
-    throw failed(e);
-  }
-  let text: string;
-  try {
-    let st;
-    try {
-      st = fstatSync(fd);
-    } catch (e) {
-      throw failed(e);
-    }
-    if (!st.isFile()) throw new VpnError('USAGE', `key file ${path} is not a regular file`);
-    const mode = (st.mode & 0o7777).toString(8).padStart(4, '0');
-    const uid = process.getuid?.() ?? st.uid;
-    const problems: string[] = [];
-    if ((st.mode & 0o077) !== 0) problems.push(`has mode ${mode}, which lets ${(st.mode & 0o070) !== 0 && (st.mode & 0o007) !== 0 ? 'group and others' : (st.mode & 0o070) !== 0 ? 'its group' : 'others'} read or write it`);
-    if (st.uid !== uid) problems.push(`is owned by uid ${st.uid}, not by this user (uid ${uid})`);
-    if (problems.length > 0) {
-      const fix = `chmod 600 ${path}${st.uid !== uid ? ` and chown it to this user (or make your own copy)` : ''}`;
-      if (!insecure) throw new VpnError('USAGE', `key file ${path} ${problems.join(' and ')}; ${fix}, or pass --insecure-key-file to use it anyway`);
-      log.warn(`warning: key file ${path} ${problems.join(' and ')}; using it because of --insecure-key-file (${fix})`);
-    }
-    try {
-      text = readFileSync(fd, 'utf8');
-    } catch (e) {
-      throw failed(e);
-    }
-  } finally {
-    closeSync(fd);
-  }
-  const hexText = text.trim();
-  if (!/^[0-9a-fA-F]{64}$/.test(hexText)) {
-    throw new VpnError('USAGE', `key file ${path} does not hold a key written by keygen (expected 64 hex digits)`);
-  }
-  return new Uint8Array(Buffer.from(hexText, 'hex'));
+export function readKeyFile(path: string, insecure = false): KeyFile {
+  return parseKeyFile(readPrivateFile(path, insecure, 'key file'), path);
 }
 
 /**
@@ -455,46 +465,61 @@ async function promptHidden(question: string): Promise<string> {
   });
 }
 
+/** The secret, and the client's name when the key file names one (keygen --client): then protocol version 3. */
+interface Secret {
+  keys: LongTermKeys;
+  name: string | null;
+}
+
+/** Where a --secret value came from when a config file gave it (no "visible via ps" warning then), else null. */
+let secretFromConfig: string | null = null;
+
 /** The secret, in the documented order: --key, --secret, VPN_SECRET, a prompt on a terminal; else USAGE. */
-async function loadKeys(flags: Flags): Promise<LongTermKeys> {
-  if (workerIndex() > 0) return await keysFromSupervisor(() => process.kill(process.pid, 'SIGTERM')); // serve --workers
+async function loadKeys(flags: Flags): Promise<Secret> {
+  if (workerIndex() > 0) return { keys: await keysFromSupervisor(() => process.kill(process.pid, 'SIGTERM')), name: null }; // serve --workers
   // Read and remove VPN_SECRET first, whichever secret wins: no child process inherits it (children also get a
   // minimal environment: workers.ts, tundevice.ts).
   const env = process.env.VPN_SECRET;
   delete process.env.VPN_SECRET;
   if (flags.key !== undefined && flags.secret !== undefined) throw new VpnError('USAGE', 'give either --key or --secret, not both');
   if (typeof flags.key === 'string') {
-    const raw = readKeyFile(flags.key, flags['insecure-key-file'] === true);
-    const keys = keysFromKeyFile(raw);
-    raw.fill(0);
-    return keys;
+    const file = readKeyFile(flags.key, flags['insecure-key-file'] === true);
+    const keys = keysFromKeyFile(file.key);
+    file.key.fill(0);
+    return { keys, name: file.name };
   }
   if (typeof flags.secret === 'string') {
-    log.warn('warning: --secret is visible to other local users (ps, /proc); prefer --key or VPN_SECRET');
-    return passphraseKeys(flags.secret, '--secret');
+    if (secretFromConfig === null) log.warn('warning: --secret is visible to other local users (ps, /proc); prefer --key or VPN_SECRET');
+    return { keys: passphraseKeys(flags.secret, secretFromConfig ?? '--secret'), name: null };
   }
-  if (env !== undefined && env !== '') return passphraseKeys(env, 'VPN_SECRET');
-  if (process.stdin.isTTY) return passphraseKeys(await promptHidden('passphrase: '), 'the prompt');
+  if (env !== undefined && env !== '') return { keys: passphraseKeys(env, 'VPN_SECRET'), name: null };
+  if (process.stdin.isTTY) return { keys: passphraseKeys(await promptHidden('passphrase: '), 'the prompt'), name: null };
   throw new VpnError('USAGE', 'no secret given: use --key PATH (from keygen), --secret TEXT, or the VPN_SECRET environment variable');
 }
 
 // ---- commands ----
 
-function keygen(positionals: string[]): number {
+function keygen(f: Flags, positionals: string[]): number {
   const path = positionals[0];
-  if (!path || positionals.length > 1) throw new VpnError('USAGE', 'keygen takes exactly one PATH');
-  if (existsSync(path)) throw new VpnError('USAGE', `${path} already exists; keygen never overwrites a key`);
-  const key = randomBytes(KEYFILE_LEN);
-  let fd: number;
-  try {
-    fd = openSync(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o600);
-  } catch (e) {
-    throw new VpnError('USAGE', `cannot create ${path} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
+  if (!path || positionals.length > 1) throw new VpnError('USAGE', `keygen takes exactly one PATH${f.client !== undefined ? ' (the client key file to write)' : ''}`);
+  const client = str(f, 'client');
+  const keyring = str(f, 'keyring');
+  if (client === undefined) {
+    refuse(f, ['keyring', 'tun-address', 'modes'], (n) => `${n} needs --client NAME (a key for one client of a keyring)`);
+    if (existsSync(path)) throw new VpnError('USAGE', `${path} already exists; keygen never overwrites a key`);
+    const key = randomBytes(KEYFILE_LEN);
+    writeNewPrivateFile(path, Buffer.from(key).toString('hex') + '\n');
+    key.fill(0);
+    log.info(`wrote a new 256-bit key to ${path}; copy it to the other end over a trusted channel`);
+    return EXIT_OK;
   }
-  writeSync(fd, Buffer.from(key).toString('hex') + '\n');
-  closeSync(fd);
-  key.fill(0);
-  log.info(`wrote a new 256-bit key to ${path}; copy it to the other end over a trusted channel`);
+  if (keyring === undefined) throw new VpnError('USAGE', 'keygen --client NAME needs --keyring FILE (the server\'s keyring to add the key to)');
+  const addrs = tunPrefixes((f['tun-address'] as string[] | undefined) ?? [], '--tun-address', -1);
+  const modes = str(f, 'modes')?.split(',') ?? null;
+  for (const m of modes ?? []) if (!(KEY_MODES as readonly string[]).includes(m)) throw new VpnError('USAGE', `--modes: "${printable(m)}" is not a mode (${KEY_MODES.join(', ')})`);
+  if (existsSync(path)) throw new VpnError('USAGE', `${path} already exists; keygen never overwrites a key`);
+  addClient({ name: client, keyring, out: path, tun: addrs.v4, tun6: addrs.v6, modes, insecure: f['insecure-key-file'] === true });
+  log.info(`added ${client} to ${keyring} and wrote its key to ${path} (mode 0600); copy ${path} to ${client} over a trusted channel, then send the server SIGHUP (or restart it) to load the keyring`);
   return EXIT_OK;
 }
 
@@ -520,8 +545,25 @@ function sessionBase(f: Flags, role: 'client' | 'server'): () => Promise<Session
   const rekeyAfterMs = seconds('rekey-after', str(f, 'rekey-after'), r.dflt, r.min, r.max);
   if (f['rekey-after'] !== undefined && f['no-pfs']) throw new VpnError('USAGE', '--rekey-after needs forward secrecy (protocol version 2): drop --no-pfs');
   log.quiet = f.quiet === true;
+  const keyring = str(f, 'keyring');
+  if (keyring !== undefined) {
+    refuse(f, ['key', 'secret'], (n) => `give either --keyring (a key per client) or ${n} (one key for every client), not both`);
+    if (f.workers !== undefined && str(f, 'workers') !== '1') throw new VpnError('USAGE', '--workers does not take --keyring yet (workers get one shared key); run one server per core behind a TCP load balancer instead');
+  }
   return async () => {
-    const keys = await loadKeys(f);
+    let keys: LongTermKeys | KeyringFile;
+    let version = f['no-pfs'] ? VERSION_1 : VERSION_2;
+    if (keyring !== undefined) {
+      keys = new KeyringFile(keyring, f['insecure-key-file'] === true);
+      log.info(`keyring ${keyring}: ${keys.current.size} client key${keys.current.size === 1 ? '' : 's'}`);
+    } else {
+      const secret = await loadKeys(f);
+      keys = secret.keys;
+      if (secret.name !== null && role === 'client') {
+        if (f['no-pfs']) throw new VpnError('USAGE', `--no-pfs: ${str(f, 'key')} is the client key of ${secret.name} (keygen --client), which always uses protocol version 3 (with forward secrecy)`);
+        version = VERSION_3;
+      }
+    }
     let trace: ((line: string) => void) | undefined;
     if (f.verbose) {
       process.stderr.write('WARNING: -v prints secret key material (session and traffic keys); never share this output\n');
@@ -531,7 +573,7 @@ function sessionBase(f: Flags, role: 'client' | 'server'): () => Promise<Session
     return {
       keys,
       engine,
-      version: f['no-pfs'] ? VERSION_1 : VERSION_2,
+      version,
       requirePfs: f['require-pfs'] === true,
       handshakeTimeoutMs,
       keepaliveMs,
@@ -540,6 +582,13 @@ function sessionBase(f: Flags, role: 'client' | 'server'): () => Promise<Session
       step,
     };
   };
+}
+
+/** Each keyring key's TUN addresses in the server's subnets (the same host rules as tun.ts's pools). */
+function tunBindings(keys: KeyringFile, v4: Cidr | null, v6: Cidr6 | null): TunBindings {
+  const p4 = v4 ? new AddressPool(v4) : null;
+  const p6 = v6 ? new AddressPool6(v6) : null;
+  return new TunBindings(keys, p4, p6);
 }
 
 async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly string[]): Promise<number> {
@@ -560,11 +609,15 @@ async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly s
       if (isCidr6(c) ? !v6 : !v4) throw new VpnError('USAGE', `--route ${formatPrefix(c)} is ${isCidr6(c) ? 'IPv6' : 'IPv4'}, but the tunnel carries no ${isCidr6(c) ? 'IPv6' : 'IPv4'}; add --tun with such a prefix`);
     }
     const o = { address: v4, address6: v6, name: tunName(f), mtu: m, routes: r.filter((c): c is Cidr => !isCidr6(c)), routes6: r.filter(isCidr6) };
+    const drop = privilegeDrop(f);
     const base = sessionBase(f, 'server');
     checkTunSupport();
     const b = await base();
-    const t = openTunServer(o);
+    const bindings = b.keys instanceof KeyringFile ? tunBindings(b.keys, v4, v6) : undefined;
+    const t = openTunServer({ ...o, bindings });
     try {
+      // Root is needed no more once the interface is up; a port below 1024 may have to be bound again (privileges.ts).
+      if (drop) dropPrivileges(drop, limits.listen.kind === 'tcp' && limits.listen.port > 0 && limits.listen.port < 1024 ? [CAP_NET_BIND_SERVICE] : []);
       return await serve(b, limits, t.mode);
     } finally {
       t.close();
@@ -577,7 +630,7 @@ async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly s
     const workers = integer('workers', str(f, 'workers'), 1, 1, MAX_WORKERS);
     if (workers > 1 && f.step) throw new VpnError('USAGE', '--workers cannot be used with --step');
     const base = await sessionBase(f, 'server')();
-    if (workers > 1) return await superviseWorkers({ workers, listen: listenAddr, keys: base.keys, args: rawArgs, graceMs: limits.graceMs });
+    if (workers > 1) return await superviseWorkers({ workers, listen: listenAddr, keys: base.keys as LongTermKeys, args: rawArgs, graceMs: limits.graceMs }); // no --keyring (sessionBase)
     return await serve(base, { ...limits, reusePort: workerIndex() > 0 }, forwardMode(target, f['proxy-protocol'] === true));
   }
   refuse(f, ['proxy-protocol', 'workers'], (n) => `${n} needs --forward (stdio and TUN servers run in one process)`);
@@ -605,11 +658,13 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
     const r6 = r.find(isCidr6);
     if (r6 && !ipv6) throw mtuTooSmallFor6(m!, `--route ${formatPrefix(r6)} needs IPv6 in the tunnel`);
     const o = { request: v4, request6: v6, ipv6, name: tunName(f), mtu: m, routes: r, acceptRoutes: f['accept-routes'] === true };
+    const drop = privilegeDrop(f);
     const base = sessionBase(f, 'client');
     checkTunSupport();
     const b = await base();
     const t = openTunClient(o);
     try {
+      if (drop) dropPrivileges(drop, [CAP_NET_ADMIN]); // addresses and routes come with each session's CONFIG
       return await connectOne(b, target, grace, t.mode, { reconnect: f['no-reconnect'] !== true, packets: true });
     } finally {
       t.close();
@@ -655,17 +710,32 @@ async function main(argv: string[]): Promise<number> {
   } catch (e) {
     throw Object.assign(asVpnError(e, 'USAGE'), { command });
   }
-  const { flags, positionals } = parsed;
+  let { flags, positionals } = parsed;
+  // --config FILE: the file's values, under the command line's (config.ts); workers get the merged flags as argv.
+  let cfg: Config | null = null;
+  let args: readonly string[] = rest;
+  if (typeof flags.config === 'string' && !flags.help) {
+    try {
+      cfg = readConfig(flags.config, command, OPTIONS, COMMAND_FLAGS[command]!, flags['insecure-key-file'] === true);
+    } catch (e) {
+      throw Object.assign(asVpnError(e, 'USAGE'), { command });
+    }
+    ({ flags, positionals } = mergeFlags(cfg, flags, positionals));
+    delete flags.config;
+    args = flagsToArgs(flags, OPTIONS);
+    if (cfg.lines.has('secret')) secretFromConfig = `config file ${cfg.path}`;
+  }
   if (flags.help) {
     process.stdout.write(helpFor(command));
     return EXIT_OK;
   }
   try {
-    if (command === 'keygen') return keygen(positionals);
-    if (command === 'serve') return await serveCommand(flags, positionals, rest);
+    if (command === 'keygen') return keygen(flags, positionals);
+    if (command === 'serve') return await serveCommand(flags, positionals, args);
     return await connectCommand(flags, positionals);
   } catch (e) {
-    throw Object.assign(asVpnError(e, 'USAGE'), { command });
+    const err = asVpnError(e, 'USAGE');
+    throw Object.assign(cfg ? locate(err, cfg) : err, { command });
   }
 }
 

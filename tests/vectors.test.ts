@@ -42,6 +42,7 @@ import {
   ServerHandshake,
   type TrafficKeys,
 } from '../handshake.ts';
+import { Keyring, parseKeyringText } from '../keyring.ts';
 import { readRekey, REKEY_DONE, REKEY_INIT, REKEY_REPLY, rekeyDh, rekeyDirection, rekeyPayload } from '../rekey.ts';
 import { MAX_CONFIG, Session, type SessionApp, type Transport } from '../session.ts';
 import type { VpnError } from '../errors.ts';
@@ -500,8 +501,8 @@ const handshakeOf = (b: DocBlock) => ({
 const HANDSHAKE_NAMES = ['m1', 'm2', 'm3', 'th', 'c2s enc', 'c2s mac', 'c2s chain0', 's2c enc', 's2c mac', 's2c chain0'];
 
 describe('PROTOCOL.md §12 is what this file checks', () => {
-  test('§12 has the subsections 12.1–12.8, and every code block reads: sizes and "L = n" notes agree with the bytes', () => {
-    expect([...readDoc().keys()]).toEqual(['12.1', '12.2', '12.3', '12.4', '12.5', '12.6', '12.7', '12.8']);
+  test('§12 has the subsections 12.1–12.9, and every code block reads: sizes and "L = n" notes agree with the bytes', () => {
+    expect([...readDoc().keys()]).toEqual(['12.1', '12.2', '12.3', '12.4', '12.5', '12.6', '12.7', '12.8', '12.9']);
     for (const [id, s] of readDoc()) {
       for (const b of s.blocks) {
         for (const [name, e] of b) {
@@ -1161,4 +1162,56 @@ describe('§12.8 and session.ts', () => {
       expect([c2s.switched.length, s2c.switched.length]).toEqual([1, 1]);
     },
   );
+});
+
+// ---- §12.9: version 3, a client key of a keyring ----
+
+describe('§12.9 version 3 (a key per client)', () => {
+  /** §4.1 and §3 for version 3 from the formulas, with node:crypto only. */
+  function reference() {
+    const f = bytes(KEY_FILE);
+    const lt = ref.longTerm(f, 'vpn.ts key file');
+    const kHint = ref.hkdf(f, utf8('vpn.ts key file'), utf8('vpn.ts key hint'), 32);
+    const [sk, iv, ra, rb] = [bytes(IN.sk), bytes(IN.iv), bytes(IN.ra), bytes(IN.rb)];
+    const ec = ref.pub(bytes(IN.ec));
+    const es = ref.pub(bytes(IN.es));
+    const h = ref.hmac(kHint, ra).subarray(0, 16);
+    const m1 = Buffer.concat([Buffer.of(3), iv, ref.cbc(lt.wrap, iv, sk, false), ra, ec, h]);
+    const body = Buffer.concat([rb, es]);
+    const m2 = Buffer.concat([body, ref.hmac(lt.auth, m1, body, utf8('SRVR'))]);
+    const m3 = ref.hmac(lt.auth, m1, m2, utf8('CLNT'));
+    const th = createHash('sha256').update(m1).update(m2).update(m3).digest();
+    const okm = ref.hkdf(Buffer.concat([sk, ref.dh(bytes(IN.ec), es)]), Buffer.concat([ra, rb]), Buffer.concat([utf8('vpn.ts v3 traffic'), th]), 192);
+    const k = (i: number) => hex(okm.subarray(32 * i, 32 * i + 32));
+    return {
+      kHint: hex(kHint),
+      h: hex(h),
+      hs: { m1: hex(m1), m2: hex(m2), m3: hex(m3), transcript: hex(th), c2s: { enc: k(0), mac: k(1), chain0: k(2) }, s2c: { enc: k(3), mac: k(4), chain0: k(5) } },
+    };
+  }
+
+  test('the document, node:crypto from the formulas, and the code (both engines, a keyring server) agree', () => {
+    const b = docBlock('12.9');
+    expect([...b.keys()]).toEqual(['K_hint', 'H', ...HANDSHAKE_NAMES]);
+    const want = reference();
+    expect(docHex(b, 'K_hint')).toBe(want.kHint);
+    expect(docHex(b, 'H')).toBe(want.h);
+    expect(handshakeOf(b)).toEqual(want.hs);
+    const lt = keysFromKeyFile(bytes(KEY_FILE));
+    expect(hex(lt.hint!)).toBe(want.kHint);
+    for (const engine of [nobleEngine, nativeEngine]) {
+      // The keyring holds other keys before and after this one: which others does not change a byte.
+      const ring = new Keyring('ring', parseKeyringText(`first ${'11'.repeat(32)}\nalice ${KEY_FILE}\nlast ${'22'.repeat(32)}\n`, 'ring'));
+      const client = new ClientHandshake(lt, 3, { engine, random: counter(CLIENT_RANDOM_START) });
+      const server = new ServerHandshake(ring, { engine, random: counter(SERVER_RANDOM_START) });
+      const m1 = client.createMessage1();
+      const m2 = server.consumeMessage1(m1);
+      const m3 = client.consumeMessage2(m2);
+      const skeys = server.consumeMessage3(m3);
+      expect(server.client!.name).toBe('alice');
+      expect({ m1: hex(m1), m2: hex(m2), m3: hex(m3) }).toEqual({ m1: want.hs.m1, m2: want.hs.m2, m3: want.hs.m3 });
+      expect({ c2s: keyHex(client.keys!.send), s2c: keyHex(client.keys!.recv) }).toEqual({ c2s: want.hs.c2s, s2c: want.hs.s2c });
+      expect({ c2s: keyHex(skeys.recv), s2c: keyHex(skeys.send) }).toEqual({ c2s: want.hs.c2s, s2c: want.hs.s2c });
+    }
+  });
 });
