@@ -67,6 +67,16 @@ export function workerArgs(args: readonly string[], listen: string): string[] {
   return ['--listen', listen, ...out];
 }
 
+/**
+ * The command line that runs this program again: `[bun, /path/vpn.ts]` under `bun vpn.ts`, or just the executable
+ * built by `bun build --compile` (`bun run build`), whose argv[1] is its entry point's path inside the executable
+ * (/$bunfs/root/vpn; B:/~BUN/root/vpn on Windows), which it would take for a command.
+ */
+export function selfCommand(argv: readonly string[] = process.argv, execPath: string = process.execPath): string[] {
+  const script = argv[1];
+  return script === undefined || /^(\/\$bunfs\/|[A-Za-z]:[\\/]~BUN[\\/])/.test(script) ? [execPath] : [execPath, script];
+}
+
 /** The variables a worker inherits, when set: none of them secret (VPN_SECRET never is one). */
 const WORKER_ENV = ['PATH', 'HOME', 'TMPDIR', 'TZ', 'LANG', 'LC_ALL', 'NO_COLOR'];
 
@@ -138,7 +148,6 @@ export async function superviseWorkers(o: SuperviseOptions): Promise<number> {
   if (o.listen.port !== 0) claim.release();
   const shown = formatAddress({ ...o.listen, port: claim.port });
   const args = workerArgs(o.args, shown);
-  const script = process.argv[1]!;
   const workers: Worker[] = [];
   let stopping = false;
   let status = EXIT_OK;
@@ -161,7 +170,7 @@ export async function superviseWorkers(o: SuperviseOptions): Promise<number> {
   startFailed.catch(() => {});
 
   for (let i = 1; i <= o.workers; i++) {
-    const proc = Bun.spawn([process.execPath, script, 'serve', ...args], {
+    const proc = Bun.spawn([...selfCommand(), 'serve', ...args], {
       stdin: 'pipe',
       stdout: 'inherit',
       stderr: 'pipe',
