@@ -26,12 +26,11 @@
  * user opts out (`--insecure-key-file`).
  */
 import { equalBytes, randomBytes } from '@noble/ciphers/utils.js';
-import { sha256 } from '@noble/hashes/sha2.js';
+import { _SHA256, sha256 } from '@noble/hashes/sha2.js';
 import { closeSync, fstatSync, openSync, readFileSync, unlinkSync, writeSync, constants as fsc } from 'node:fs';
 import { type Cidr, type Cidr6, formatIPv4, formatIPv6, parseIPv4, parseIPv6 } from './address.ts';
-import type { KeyedMac } from './engine.ts';
 import { VpnError } from './errors.ts';
-import { type ClientKey, hintMac, KEYFILE_LEN, keyHint, keysFromKeyFile, type LongTermKeys, type ServerKeys } from './handshake.ts';
+import { type ClientKey, KEYFILE_LEN, keysFromKeyFile, type LongTermKeys, type ServerKeys } from './handshake.ts';
 import { log } from './log.ts';
 
 // ---- private files ----
@@ -232,7 +231,7 @@ export function parseKeyringText(text: string, file: string): Parsed[] {
 export class Keyring implements ServerKeys {
   readonly shared = null;
   readonly entries: readonly KeyringEntry[];
-  private readonly macs: KeyedMac[];
+  private readonly hints: HintTable;
   private readonly byName = new Map<string, KeyringEntry>();
 
   constructor(
@@ -244,7 +243,7 @@ export class Keyring implements ServerKeys {
       p.key.fill(0);
       return e;
     });
-    this.macs = this.entries.map((e) => hintMac(e.keys.hint!));
+    this.hints = new HintTable(this.entries.map((e) => e.keys.hint!));
     for (const e of this.entries) this.byName.set(e.name, e);
   }
 
@@ -257,12 +256,8 @@ export class Keyring implements ServerKeys {
   }
 
   find(ra: Uint8Array, h: Uint8Array): KeyringEntry | null {
-    let found: KeyringEntry | null = null;
-    for (let i = 0; i < this.macs.length; i++) {
-      const same = equalBytes(keyHint(this.macs[i]!, ra), h);
-      if (same && found === null) found = this.entries[i]!;
-    }
-    return found;
+    const i = this.hints.find(ra, h);
+    return i < 0 ? null : this.entries[i]!;
   }
 
   /** Whether `other` still holds `name` with the same key (a reload keeps that client's sessions). */
@@ -271,6 +266,108 @@ export class Keyring implements ServerKeys {
     const b = other.byName.get(name);
     return a !== undefined && b !== undefined && equalBytes(a.keys.auth, b.keys.auth) && equalBytes(a.keys.wrap, b.keys.wrap);
   }
+}
+
+/**
+ * The hint check of S1.3a for every key at once: HMAC-SHA256(K_hint_i, R_A)[0:16] = H for which i. HMAC (RFC 2104)
+ * over a 32-byte message is two SHA-256 compressions once each key's inner and outer states (after its ipad and opad
+ * blocks) are computed at load; this runs exactly those two compressions per key, on noble's SHA-256 compression
+ * function, with the padding of FIPS 180-4 §5.1.1 laid out once per message 1 — about a third of the cost of
+ * cloning a keyed HMAC per key. Every key is tried, whatever matches, and each comparison is branch-free.
+ * tests/keyring.test.ts checks it against node:crypto's HMAC and against handshake.ts keyHint.
+ */
+export class HintTable {
+  /** per key: the 8 words of its inner state, then the 8 of its outer state */
+  private readonly states: Uint32Array;
+  private readonly work = new _SHA256();
+  /** block 1: R_A ‖ 0x80 ‖ 0… ‖ bit length of ipad block + R_A (768); block 2: the inner digest ‖ the same padding */
+  private readonly block1 = new DataView(new ArrayBuffer(64));
+  private readonly block2 = new DataView(new ArrayBuffer(64));
+  readonly size: number;
+
+  constructor(keys: readonly Uint8Array[]) {
+    this.size = keys.length;
+    this.states = new Uint32Array(keys.length * 16);
+    keys.forEach((k, i) => {
+      if (k.length !== 32) throw new Error('K_hint must be 32 bytes');
+      for (const [pad, at] of [[0x36, 0], [0x5c, 8]] as const) {
+        const block = new Uint8Array(64).fill(pad);
+        for (let j = 0; j < 32; j++) block[j]! ^= k[j]!;
+        const h = new _SHA256();
+        h.update(block); // one whole block: processed at once, nothing left buffered
+        this.states.set(stateOf(h), i * 16 + at);
+        block.fill(0);
+        h.destroy();
+      }
+    });
+    for (const b of [this.block1, this.block2]) {
+      b.setUint8(32, 0x80);
+      b.setUint32(60, (64 + 32) * 8);
+    }
+  }
+
+  /** The index of the key whose hint over `ra` (32 bytes) is `h` (HINT_LEN bytes), or -1. */
+  find(ra: Uint8Array, h: Uint8Array): number {
+    if (ra.length !== 32 || h.length !== 16) return -1;
+    const b1 = this.block1;
+    const b2 = this.block2;
+    for (let j = 0; j < 32; j++) b1.setUint8(j, ra[j]!);
+    const hv = new DataView(h.buffer, h.byteOffset, 16);
+    const h0 = hv.getUint32(0) | 0;
+    const h1 = hv.getUint32(4) | 0;
+    const h2 = hv.getUint32(8) | 0;
+    const h3 = hv.getUint32(12) | 0;
+    const w = this.work as unknown as Sha256State;
+    const st = this.states;
+    let found = -1;
+    for (let i = 0, o = 0; i < this.size; i++, o += 16) {
+      w.set(st[o]!, st[o + 1]!, st[o + 2]!, st[o + 3]!, st[o + 4]!, st[o + 5]!, st[o + 6]!, st[o + 7]!);
+      w.process(b1, 0);
+      b2.setUint32(0, w.A);
+      b2.setUint32(4, w.B);
+      b2.setUint32(8, w.C);
+      b2.setUint32(12, w.D);
+      b2.setUint32(16, w.E);
+      b2.setUint32(20, w.F);
+      b2.setUint32(24, w.G);
+      b2.setUint32(28, w.H);
+      w.set(st[o + 8]!, st[o + 9]!, st[o + 10]!, st[o + 11]!, st[o + 12]!, st[o + 13]!, st[o + 14]!, st[o + 15]!);
+      w.process(b2, 0);
+      const diff = (w.A ^ h0) | (w.B ^ h1) | (w.C ^ h2) | (w.D ^ h3);
+      // found = i when diff is 0 and nothing was found yet, else unchanged: no branch on secret-dependent data
+      const hit = ((diff | -diff) >>> 31) ^ 1; // 1 when diff === 0
+      const first = found >>> 31; // 1 while found === -1
+      const take = -(hit & first); // all ones when both
+      found = (found & ~take) | (i & take);
+    }
+    w.set(0, 0, 0, 0, 0, 0, 0, 0);
+    w.roundClean(); // the message schedule noble keeps between calls
+    for (let j = 0; j < 32; j++) {
+      b1.setUint8(j, 0);
+      b2.setUint8(j, 0);
+    }
+    return found;
+  }
+}
+
+/** noble's SHA-256 state and compression function (protected in its types, public in its code). */
+interface Sha256State {
+  A: number;
+  B: number;
+  C: number;
+  D: number;
+  E: number;
+  F: number;
+  G: number;
+  H: number;
+  set(A: number, B: number, C: number, D: number, E: number, F: number, G: number, H: number): void;
+  process(view: DataView, offset: number): void;
+  roundClean(): void;
+}
+
+function stateOf(h: _SHA256): number[] {
+  const s = h as unknown as Sha256State;
+  return [s.A, s.B, s.C, s.D, s.E, s.F, s.G, s.H].map((x) => x >>> 0);
 }
 
 /** Read and check `serve --keyring FILE`; throws USAGE naming the file (and the line). An empty keyring is refused. */

@@ -4,7 +4,7 @@
  *
  *   bun run bench                   512 MiB per throughput figure (BENCH_MIB or --mib N to change)
  *   bun run bench --quick           64 MiB and shorter timed loops
- *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers dos
+ *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers dos keyring
  *   bun run bench --repeat 3        each throughput and ceiling figure is the best of 3 runs (BENCH_REPEAT)
  *   bun run bench --settle 30       before each timed figure wait up to 30 s for idle CPUs (BENCH_SETTLE)
  *
@@ -25,6 +25,9 @@
  *                 addresses, so that no per-address limit applies), noble and native; then a good client's handshake
  *                 (open → 1-byte echo → close through the pair) and an open session's added round trip, unloaded
  *                 and under one attacker process flooding bogus message 1s from one address as fast as it can.
+ *  10. keyring    a key per client (serve --keyring, protocol version 3): the server's CPU per message 1 for the key
+ *                 lookup alone (in process, every key tried) with 1, 100, 1000 and 10,000 keys, then handshakes per
+ *                 second and server CPU per connection through a `serve --keyring` pair with 1, 100 and 1000 keys.
  *
  * Absolute figures move with the machine's load; the ratios (ours/spiped, ours/ceiling) are measured in the same run.
  * Every loop is bounded by a count and a deadline; every child is killed on the way out; everything binds 127.0.0.1.
@@ -111,7 +114,7 @@ async function bogusFlood(port: number, ms: number, parallel: number, addresses:
 
 // ---- command line ----
 
-const SECTIONS = ['ceiling', 'tunnel', 'spiped', 'raw', 'handshake', 'memory', 'latency', 'workers', 'dos'] as const;
+const SECTIONS = ['ceiling', 'tunnel', 'spiped', 'raw', 'handshake', 'memory', 'latency', 'workers', 'dos', 'keyring'] as const;
 type Section = (typeof SECTIONS)[number];
 
 const { values: argv } = parseArgs({
@@ -1099,6 +1102,52 @@ function table(ratios: Ratio[]): string {
   return lines.join('\n') + '\n';
 }
 
+// ---- 10. keyring ----
+
+async function keyringBench(): Promise<void> {
+  const { Keyring, parseKeyringText, keyringLine } = await import('../keyring.ts');
+  const { ClientHandshake, ServerHandshake, keysFromKeyFile } = await import('../handshake.ts');
+  const { nobleEngine } = await import('../engine.ts');
+  const ringText = (n: number, mine: Uint8Array) =>
+    Array.from({ length: n - 1 }, (_, i) => keyringLine(`client-${i}`, random(32), null, null, null)).join('') + keyringLine('bench', mine, null, null, null);
+  // The lookup alone: S1.3a for one message 1 (every key tried, whichever matches).
+  for (const n of [1, 100, 1000, 10_000]) {
+    const mine = random(32);
+    const ring = new Keyring('bench', parseKeyringText(ringText(n, mine), 'bench'));
+    const m1s = Array.from({ length: 64 }, () => new ClientHandshake(keysFromKeyFile(mine), 3, { engine: nobleEngine }).createMessage1());
+    let i = 0;
+    const perSec = timed(() => {
+      const s = new ServerHandshake(ring, { engine: nobleEngine });
+      s.consumeMessage1(m1s[i++ % m1s.length]!);
+    }, QUICK ? 500 : 1500);
+    record('keyring', `message 1 with ${n} key${n === 1 ? '' : 's'} (S1 in process)`, 1000 / perSec, 'ms', `${perSec.toFixed(0)} message 1s per second on one core`);
+  }
+  // Whole handshakes through a keyring server.
+  for (const n of [1, 100, 1000]) {
+    using dir = tempDir();
+    const mine = random(32);
+    const ringPath = join(dir.path, 'ring');
+    const clientKey = join(dir.path, 'bench.key');
+    writeFileSync(ringPath, ringText(n, mine), { mode: 0o600 });
+    writeFileSync(clientKey, `name bench\nkey ${Buffer.from(mine).toString('hex')}\n`, { mode: 0o600 });
+    const target = new Target('echo');
+    const server = vpn(['serve', '--listen', `${HOST}:0`, '--forward', `${HOST}:${target.port}`, '--keyring', ringPath, '--quiet']);
+    let client: Proc | null = null;
+    try {
+      const sport = await server.listeningPort();
+      client = vpn(['connect', `${HOST}:${sport}`, '--local', `${HOST}:0`, '--key', clientKey, '--quiet']);
+      const entry = await client.listeningPort();
+      const r = await connectRate(entry, target, 1, TIMED_MS, [client.pid, server.pid]);
+      record('keyring', `handshakes, keyring of ${n}`, r.perSec, 'conn/s', `${r.done} connections; server CPU per connection ${r.cpu[1]!.toFixed(2)} ms, client ${r.cpu[0]!.toFixed(2)} ms`);
+      extra[`keyring ${n}`] = { serverCpuMs: r.cpu[1], clientCpuMs: r.cpu[0] };
+    } finally {
+      if (client) await stop(client);
+      await stop(server);
+      target.stop();
+    }
+  }
+}
+
 // ---- main ----
 
 const spipedVersion = SPIPED ? /spiped \S+/.exec(Bun.spawnSync([SPIPED, '-v']).stderr.toString() + Bun.spawnSync([SPIPED, '-v']).stdout.toString())?.[0] ?? 'spiped' : null;
@@ -1125,6 +1174,7 @@ try {
   if (run('latency')) await latency();
   if (run('workers')) await workers(bytes);
   if (run('dos')) await dos();
+  if (run('keyring')) await keyringBench();
 } finally {
   cleanup();
 }

@@ -9,8 +9,9 @@ import { join } from 'node:path';
 import type { Socket } from 'bun';
 import { nobleEngine } from '../engine.ts';
 import { VpnError } from '../errors.ts';
-import { ClientHandshake, HINT_LEN, keysFromKeyFile, MSG1_V2_LEN, MSG1_V3_LEN, ServerHandshake, sharedKey, VERSION_2, VERSION_3 } from '../handshake.ts';
-import { bindAddresses, Keyring, keyringLine, parseKeyFile, parseKeyringText } from '../keyring.ts';
+import { createHmac } from 'node:crypto';
+import { ClientHandshake, HINT_LEN, hintMac, keyHint, keysFromKeyFile, MSG1_V2_LEN, MSG1_V3_LEN, ServerHandshake, sharedKey, VERSION_2, VERSION_3 } from '../handshake.ts';
+import { bindAddresses, HintTable, Keyring, keyringLine, parseKeyFile, parseKeyringText } from '../keyring.ts';
 import { AddressPool, AddressPool6 } from '../tun.ts';
 import { formatIPv4, formatIPv6, parseCidr, parseCidr6 } from '../address.ts';
 import { random, sha256, tempDir, VpnProcess } from './helpers.ts';
@@ -120,21 +121,27 @@ describe('protocol version 3: a key per client (in process)', () => {
     expect(failure(() => new ServerHandshake(keys, { engine: nobleEngine }).consumeMessage1(m1)).code).toBe('AUTH_FAILED');
   });
 
-  test('the lookup tries every key whatever it finds (its cost does not tell which key matched)', () => {
-    const big = ring(Array.from({ length: 40 }, (_, i) => `c${i} ${hex(random(32))}`).concat(`alice ${hex(alice)}`));
-    const macs = (big as unknown as { macs: ((...p: Uint8Array[]) => Uint8Array)[] }).macs;
-    let calls = 0;
-    (big as unknown as { macs: unknown }).macs = macs.map((m) => (...p: Uint8Array[]) => (calls++, m(...p)));
-    for (const k of [alice, carol, big.entries[0]!.keys]) {
-      calls = 0;
-      const lt = k instanceof Uint8Array ? keysFromKeyFile(k) : k;
-      const m1 = new ClientHandshake(lt, VERSION_3, { engine: nobleEngine }).createMessage1();
-      try {
-        new ServerHandshake(big, { engine: nobleEngine }).consumeMessage1(m1);
-      } catch {
-        // carol: unknown
-      }
-      expect(calls).toBe(41);
+  test('the lookup finds a key at any position and none for a stranger; its hints are HMAC-SHA256(K_hint, R_A)[0:16] (node:crypto)', () => {
+    const others = Array.from({ length: 40 }, () => random(32));
+    for (const at of [0, 20, 40]) {
+      const list = [...others];
+      list.splice(at, 0, alice);
+      const big = ring(list.map((k, i) => `c${i} ${hex(k)}`));
+      const m1 = new ClientHandshake(keysFromKeyFile(alice), VERSION_3, { engine: nobleEngine }).createMessage1();
+      expect(new ServerHandshake(big, { engine: nobleEngine }).consumeMessage1(m1).length).toBe(96);
+      expect(big.find(m1.subarray(49, 81), m1.subarray(MSG1_V2_LEN))!.name).toBe(`c${at}`);
+      expect(big.find(random(32), m1.subarray(MSG1_V2_LEN))).toBeNull();
+    }
+    const keys = Array.from({ length: 8 }, () => random(32));
+    const table = new HintTable(keys);
+    for (let t = 0; t < 20; t++) {
+      const ra = random(32);
+      const i = t % 8;
+      const h = createHmac('sha256', keys[i]!).update(ra).digest().subarray(0, HINT_LEN);
+      expect(table.find(ra, new Uint8Array(h))).toBe(i);
+      expect(keyHint(hintMac(keys[i]!), ra)).toEqual(new Uint8Array(h));
+      h[t % 16]! ^= 1 << (t % 8);
+      expect(table.find(ra, new Uint8Array(h))).toBe(-1);
     }
   });
 });
