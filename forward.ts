@@ -114,15 +114,19 @@ export class Bridge implements SessionApp {
   };
 }
 
-/** PROXY protocol v1 header (haproxy's proxy-protocol.txt §2.1) describing the tunnel client's connection. */
+/**
+ * PROXY protocol v1 header (haproxy's proxy-protocol.txt §2.1) describing the tunnel client's connection: the
+ * socket's addresses, or behind a trusted front (serve --accept-proxy) the ones its header named.
+ */
 export function proxyHeader(link: Link): string {
   const s = link.socket;
-  const src = s.remoteAddress;
-  const dst = s.localAddress;
-  if (!src || !dst) return 'PROXY UNKNOWN\r\n';
+  const o = link.origin;
+  const src = o ? o.source.address : s.remoteAddress;
+  const dst = o ? o.destination?.address : s.localAddress;
+  if (!src || !dst || src.includes(':') !== dst.includes(':')) return 'PROXY UNKNOWN\r\n';
   const v6 = src.includes(':');
   const strip = (a: string) => (v6 ? a : a.replace(/^::ffff:/, ''));
-  return `PROXY ${v6 ? 'TCP6' : 'TCP4'} ${strip(src)} ${strip(dst)} ${s.remotePort} ${s.localPort}\r\n`;
+  return `PROXY ${v6 ? 'TCP6' : 'TCP4'} ${strip(src)} ${strip(dst)} ${o ? o.source.port : s.remotePort} ${o ? o.destination!.port : s.localPort}\r\n`;
 }
 
 /** `serve --forward TARGET`: each authenticated session gets a fresh connection to the target. */

@@ -19,6 +19,7 @@ import { lstatSync, readdirSync, readFileSync, unlinkSync } from 'node:fs';
 import { type Address, formatAddress } from './address.ts';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
+import type { ProxyEndpoint } from './proxy.ts';
 
 // ---- Tuning constants (not part of the protocol) ----
 /** Above this many queued outbound bytes, `write` asks the source to pause; it resumes once the queue is empty. */
@@ -168,8 +169,10 @@ export class Link {
   private closed = false;
   /** after the queue drains: 'shutdown' sends FIN, 'end' closes */
   private afterFlush: 'shutdown' | 'end' | null = null;
-  /** the peer's address as text, for logs */
-  readonly peer: string;
+  /** the peer's address as text, for logs; behind a trusted front (serve --accept-proxy), the one its header named */
+  peer: string;
+  /** serve --accept-proxy: the client's addresses as the front's PROXY header named them (proxy.ts); null: the socket's */
+  origin: { source: ProxyEndpoint; destination: ProxyEndpoint | null } | null = null;
 
   constructor(readonly socket: Socket<LinkData>) {
     liveSockets++;

@@ -20,6 +20,9 @@ import { log } from './log.ts';
 import { dial, type Link, listen } from './net.ts';
 import { type Keyring, type KeyringEntry, KeyringFile } from './keyring.ts';
 import { escapeText, type Json, Session, type SessionApp, type SessionBase } from './session.ts';
+import { startOps } from './control.ts';
+import { type DropReason, type LiveSession, ServerStats } from './metrics.ts';
+import { ProxyAcceptor } from './proxy.ts';
 
 /** What a mode supplies: its CONFIG, its app, and what its open sessions do when the process shuts down. */
 export interface Mode {
@@ -174,7 +177,7 @@ const SOURCES_MAX = 4096;
 
 /** The source of a connection for the pre-auth budget: IPv4 address, IPv6 /64 prefix, or "unix" (local). */
 export function sourceOf(link: Link): string {
-  const a = link.socket.remoteAddress;
+  const a = link.origin?.source.address ?? link.socket.remoteAddress; // behind --accept-proxy: the real client's
   if (!a) return 'unix';
   const v4 = /^(?:::ffff:)?(\d+\.\d+\.\d+\.\d+)$/i.exec(a);
   if (v4) return v4[1]!;
@@ -206,6 +209,8 @@ type SourceState = { inFlight: number; tokens: number; at: number; knownUntil: n
 export class PreAuth {
   private readonly table = new Set<PreAuthEntry>();
   private readonly sources = new Map<string, SourceState>();
+  /** why the last `admit` that returned null refused (for the drop counters) */
+  lastRefusal: DropReason = 'preauth_full';
   constructor(
     private readonly maxConns: number,
     private readonly now: () => number = Date.now,
@@ -224,11 +229,13 @@ export class PreAuth {
       st.tokens = Math.min(NEW_BURST, st.tokens + ((now - st.at) * NEW_PER_SEC) / 1000);
       st.at = now;
       if (st.tokens < 1) {
+        this.lastRefusal = 'preauth_rate';
         log.limited('warn', `preauth rate|${source}`, `refusing ${peer}: more than ${NEW_PER_SEC} new connections a second from ${source}, which has not authenticated lately`);
         return null;
       }
       const cap = Math.min(PREAUTH_PER_SOURCE, this.maxConns);
       if (st.inFlight >= cap) {
+        this.lastRefusal = 'preauth_source';
         log.limited(
           'warn',
           `preauth source|${source}`,
@@ -243,6 +250,7 @@ export class PreAuth {
     if (this.table.size >= PREAUTH_MAX) {
       const victim = this.victim(known);
       if (!victim) {
+        this.lastRefusal = 'preauth_full';
         log.limited('warn', 'preauth full', `handshake table full (${PREAUTH_MAX} in progress): refusing ${peer}`);
         return null;
       }
@@ -402,6 +410,12 @@ export interface ServeOptions {
   once?: boolean;
   /** before exiting (stdio: until stdout has drained) */
   beforeExit?: () => Promise<void>;
+  /** the control socket for `status` (control.ts): a path, null for none, undefined for the default path */
+  control?: string | null;
+  /** serve the counters in the Prometheus format on this address (metrics.ts) */
+  metrics?: { host: string; port: number };
+  /** every connection opens with a PROXY protocol header from a trusted front (proxy.ts); its address counts */
+  acceptProxy?: boolean;
 }
 
 /**
@@ -415,76 +429,120 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
   const first = Promise.withResolvers<number>();
   const signal = life.watchSignals(); // before the `listening on` line: whoever reads it may signal at once
   const unwatchKeyring = base.keys instanceof KeyringFile ? watchKeyring(base.keys, life) : () => {};
-  const listener = await listen(
-    o.listen,
-    (link) => {
-      // Sessions full: nobody can get in, so no handshake is worth its CPU. Else the pre-auth budget decides.
-      if (life.stopping || limiter.full) {
-        if (!life.stopping) limiter.refuse(link.peer);
-        link.abort();
-        return;
+  const stats = new ServerStats(); // counters for status and --metrics (metrics.ts)
+  // `early`: with --accept-proxy, the bytes that came right after the PROXY header (the tunnel's first).
+  const accept = (link: Link, early?: Uint8Array) => {
+    // Sessions full: nobody can get in, so no handshake is worth its CPU. Else the pre-auth budget decides.
+    if (life.stopping || limiter.full) {
+      if (!life.stopping) {
+        limiter.refuse(link.peer);
+        stats.drop('max_conns');
       }
-      const source = sourceOf(link);
-      const pre = preauth.admit(source, link.peer, () => session.abort(new VpnError('NETWORK', 'handshake dropped to make room: too many handshakes in progress')));
-      if (!pre) {
-        link.abort();
-        return;
+      link.abort();
+      return;
+    }
+    const source = sourceOf(link);
+    const pre = preauth.admit(source, link.peer, () => {
+      stats.drop('preauth_evicted');
+      session.abort(new VpnError('NETWORK', 'handshake dropped to make room: too many handshakes in progress'));
+    });
+    if (!pre) {
+      stats.drop(preauth.lastRefusal);
+      link.abort();
+      return;
+    }
+    let app: SessionApp | null = null;
+    let refused = false;
+    let counted = false;
+    // The handshake verified and the client's CONFIG came: from here it counts against --max-conns, not pre-auth.
+    const config = (peer: Json) => {
+      preauth.release(pre);
+      preauth.authenticated(source);
+      stats.handshake('ok');
+      if (!limiter.admit(link.peer)) {
+        refused = true;
+        stats.drop('max_conns');
+        return new VpnError('NETWORK', `connection limit reached (--max-conns ${limiter.max}); try again later`);
       }
-      let app: SessionApp | null = null;
-      let refused = false;
-      let counted = false;
-      // The handshake verified and the client's CONFIG came: from here it counts against --max-conns, not pre-auth.
-      const config = (peer: Json) => {
+      counted = true;
+      const notHere = modeAllowed(session, peer);
+      if (notHere) {
+        refused = true;
+        stats.drop('refused');
+        return notHere;
+      }
+      const answer = mode.config(peer, session);
+      if (answer instanceof VpnError) {
+        refused = true;
+        stats.drop('refused');
+      } else entry.mode = typeof answer.mode === 'string' ? answer.mode : typeof peer.mode === 'string' ? peer.mode : null;
+      return answer;
+    };
+    const conn: Conn = { session: null, abort: (err) => session.abort(err) };
+    const onRecord = (out: boolean, type: number, n: number) => stats.record(entry, out, type, n);
+    const session: Session = new Session(link, { ...base, role: 'server', config, onRecord }, {
+      onOpen: (s, cfg) => {
+        stats.sessionsTotal++;
+        log.info(`session opened ${who(s)} (protocol v${s.version})`);
+        const line = mode.describe?.(s);
+        if (line) log.info(line);
+        app!.onOpen(s, cfg);
+      },
+      onData: (p) => app!.onData(p),
+      onPeerClose: () => app!.onPeerClose(),
+      onWritable: () => app!.onWritable?.(),
+      onEnd: (err) => {
         preauth.release(pre);
-        preauth.authenticated(source);
-        if (!limiter.admit(link.peer)) {
-          refused = true;
-          return new VpnError('NETWORK', `connection limit reached (--max-conns ${limiter.max}); try again later`);
-        }
-        counted = true;
-        const notHere = modeAllowed(session, peer);
-        if (notHere) {
-          refused = true;
-          return notHere;
-        }
-        const answer = mode.config(peer, session);
-        if (answer instanceof VpnError) refused = true;
-        return answer;
-      };
-      const conn: Conn = { session: null, abort: (err) => session.abort(err) };
-      const session: Session = new Session(link, { ...base, role: 'server', config }, {
-        onOpen: (s, cfg) => {
-          log.info(`session opened ${who(s)} (protocol v${s.version})`);
-          const line = mode.describe?.(s);
-          if (line) log.info(line);
-          app!.onOpen(s, cfg);
-        },
-        onData: (p) => app!.onData(p),
-        onPeerClose: () => app!.onPeerClose(),
-        onWritable: () => app!.onWritable?.(),
-        onEnd: (err) => {
-          preauth.release(pre);
-          if (counted) limiter.release();
-          logSessionEnd(session, err, refused);
-          app!.onEnd(err);
-          life.remove(conn);
-          if (o.once && session.authenticated && !refused) first.resolve(err ? err.exitStatus : EXIT_OK);
-        },
-      });
-      (conn as { session: Session | null }).session = session;
-      app = mode.app(session, link);
-      life.add(conn);
-      link.attach(session);
-      session.start();
-    },
-    { reusePort: o.reusePort },
-  );
+        if (counted) limiter.release();
+        stats.live.delete(entry);
+        if (err && !session.authenticated) stats.handshake(err.code);
+        else if (err && session.opened) stats.drop(err.code);
+        logSessionEnd(session, err, refused);
+        app!.onEnd(err);
+        life.remove(conn);
+        if (o.once && session.authenticated && !refused) first.resolve(err ? err.exitStatus : EXIT_OK);
+      },
+    });
+    const entry: LiveSession = { session, mode: null, lastRecordAt: 0 };
+    stats.live.add(entry);
+    (conn as { session: Session | null }).session = session;
+    app = mode.app(session, link);
+    life.add(conn);
+    link.attach(session);
+    session.start();
+    if (early && early.length > 0) session.onData(early);
+  };
+  // --accept-proxy: a connection's PROXY header first (within the handshake timeout), then `accept` as its client.
+  const proxied = o.acceptProxy
+    ? new ProxyAcceptor(base.handshakeTimeoutMs, accept, (link, why) => {
+        stats.drop('proxy_header');
+        log.limited('warn', `proxy header|${link.peer.replace(/:\d+$/, '')}`, `dropping connection from ${link.peer}: ${why} (--accept-proxy: every connection must come through the load balancer, with a PROXY protocol header)`);
+      })
+    : null;
+  stats.inProgress = () => preauth.size + (proxied?.waiting ?? 0);
+  const listener = await listen(o.listen, (link) => (proxied ? proxied.accept(link) : accept(link)), { reusePort: o.reusePort });
+  stats.info = {
+    listeners: [formatAddress(listener.address)],
+    control: null,
+    metrics: null,
+    limits: { max_conns: o.maxConns, handshake_timeout_s: base.handshakeTimeoutMs / 1000, keepalive_s: base.keepaliveMs / 1000, grace_s: o.graceMs / 1000, preauth_max: PREAUTH_MAX, preauth_per_source: Math.min(PREAUTH_PER_SOURCE, o.maxConns), accept_proxy: o.acceptProxy === true },
+  };
+  let stopOps: () => void;
+  try {
+    stopOps = await startOps(stats, listener.address, o); // before the `listening on` line: status works once it is out
+  } catch (e) {
+    listener.stop();
+    life.unwatchSignals();
+    unwatchKeyring();
+    throw e;
+  }
   process.stderr.write(`listening on ${formatAddress(listener.address)}\n`);
   const status = await Promise.race([first.promise, signal.then(async (sig) => {
     listener.stop();
     return (await life.shutdown(sig)) ? EXIT_OK : EXIT_NETWORK;
   })]);
   listener.stop();
+  stopOps();
   life.unwatchSignals();
   unwatchKeyring();
   await o.beforeExit?.();

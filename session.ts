@@ -75,6 +75,8 @@ export interface SessionOptions {
   step?: (what: string) => void;
   /** client: rekey after this many ms (and after REKEY_AFTER_BYTES), when both sides offered it; 0 = never */
   rekeyAfterMs?: number;
+  /** each record verified (`out` false) or sealed (`out` true), with its payload length: counters (metrics.ts) */
+  onRecord?: (out: boolean, type: RecordType, bytes: number) => void;
 }
 
 /** Options every session of a process shares: all but the role and the CONFIG. */
@@ -400,6 +402,7 @@ export class Session {
   private onRecord = (type: RecordType, payload: Uint8Array): void => {
     const p = this.phaseNow;
     if (p === 'done') return;
+    this.o.onRecord?.(false, type, payload.length);
     if (p === 'config') {
       if (type !== RECORD.CONFIG) throw new VpnError('INTEGRITY', 'the first record was not CONFIG');
       this.onConfig(payload);
@@ -602,6 +605,7 @@ export class Session {
   }
 
   private sendRecord(type: RecordType, payload?: Uint8Array): boolean {
+    this.o.onRecord?.(true, type, payload?.length ?? 0);
     return this.send(this.sender!.seal(type, payload));
   }
 

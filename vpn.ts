@@ -18,6 +18,8 @@ import { log } from './log.ts';
 import { CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, type DropPlan, dropPrivileges, planDrop } from './privileges.ts';
 import { REKEY_AFTER_MS } from './rekey.ts';
 import { connectOne, serve, serveLocal } from './server.ts';
+import { defaultControlPath, formatStatus, queryStatus } from './control.ts';
+import { isLoopback } from './metrics.ts';
 import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
 import { AddressPool, AddressPool6, DEFAULT_MTU, MAX_MTU, MAX_ROUTES, MIN_MTU, MIN_MTU6, openTunClient, openTunServer } from './tun.ts';
@@ -35,6 +37,7 @@ Usage:
                                            a key for one client of a server's keyring
   bun vpn.ts serve   [options]             accept tunnels (default 127.0.0.1:${DEFAULT_PORT})
   bun vpn.ts connect [HOST:PORT] [options] open a tunnel to a server
+  bun vpn.ts status  [--control PATH]      show a running server's sessions and counters
   bun vpn.ts help COMMAND | COMMAND --help | --version
 
 Both ends must share a secret: a key file from keygen (best) or a passphrase;
@@ -92,6 +95,16 @@ keeps listening; each session's bytes go to stdout and come from stdin.
                          (HOST:PORT or unix:/path, resolved per session), instead of stdio
   --proxy-protocol       with --forward: send a PROXY protocol v1 header to ADDR first,
                          naming the tunnel client's address and port
+  --accept-proxy         behind a TCP load balancer (haproxy send-proxy or send-proxy-v2): every
+                         connection must open with a PROXY protocol v1 or v2 header, within the
+                         handshake timeout, or it is dropped; the client's address it names is
+                         then used for logs, limits and --proxy-protocol. Only with a front you
+                         trust: whoever reaches the port directly could claim any address
+  --control PATH         the unix socket bun vpn.ts status asks (mode 0600); default
+                         /run/vpn/HOST_PORT.sock as root, else $XDG_RUNTIME_DIR/vpn/… or
+                         /tmp/vpn-UID/…; none: no control socket
+  --metrics HOST:PORT    serve counters on http://HOST:PORT/metrics in the Prometheus text
+                         format; loopback addresses only unless --metrics-public
   --max-conns N          sessions at most, in every mode; more are refused at accept
                          (default 100); handshakes in progress have a budget of their own
   --workers N            with --forward: N worker processes share the TCP port (SO_REUSEPORT),
@@ -167,6 +180,23 @@ Examples:
                                                           ssh through a server that forwards to port 22
 `;
 
+const USAGE_STATUS = `Usage: bun vpn.ts status [--control PATH | --listen ADDR] [--json]
+
+Show a running server's sessions and counters, as wg show does: per session the
+client's name (with a keyring), address, mode, protocol version, since when, the last
+record received, bytes each way and bytes queued; for the server its listeners,
+limits, handshakes by outcome and drops by reason. Asks over the server's control
+socket (serve --control), which only the server's user can open.
+
+  --control PATH         the server's control socket
+  --listen ADDR          the --listen the server was started with (default ${DEFAULT_HOST}:${DEFAULT_PORT}):
+                         its default control socket is asked
+  --json                 the same as JSON with stable keys (README "status")
+  -h, --help             this help
+
+Exit status 0 with an answer, 1 when no server answers there.
+`;
+
 const USAGE_KEYGEN = `Usage: bun vpn.ts keygen PATH
        bun vpn.ts keygen --client NAME --keyring FILE [--tun-address ADDR] [--modes LIST] OUT.key
 
@@ -226,6 +256,11 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   client: { kind: 'string' },
   'tun-address': { kind: 'list' },
   modes: { kind: 'string' },
+  control: { kind: 'string' },
+  metrics: { kind: 'string' },
+  'metrics-public': { kind: 'boolean' },
+  'accept-proxy': { kind: 'boolean' },
+  json: { kind: 'boolean' },
 };
 
 const COMMON = ['key', 'secret', 'insecure-key-file', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
@@ -235,6 +270,8 @@ const COMMAND_FLAGS: Record<string, string[]> = {
   keygen: ['help', 'client', 'keyring', 'tun-address', 'modes', 'insecure-key-file'],
 };
 for (const c of ['serve', 'connect']) COMMAND_FLAGS[c]!.push('config', 'user', 'group'); // config.ts; privileges.ts (TUN)
+COMMAND_FLAGS.serve!.push('control', 'metrics', 'metrics-public', 'accept-proxy'); // control.ts, metrics.ts, proxy.ts
+COMMAND_FLAGS.status = ['help', 'control', 'listen', 'json'];
 export { COMMAND_FLAGS, OPTIONS }; // config.ts's keys, for tests/ops-config.test.ts
 const COMMANDS = Object.keys(COMMAND_FLAGS);
 
@@ -594,7 +631,7 @@ function tunBindings(keys: KeyringFile, v4: Cidr | null, v6: Cidr6 | null): TunB
 async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly string[]): Promise<number> {
   if (positionals.length > 0) throw new VpnError('USAGE', `serve takes no positional arguments (did you mean --listen ${printable(positionals[0]!)}?)`);
   const listenAddr = parseAddress(str(f, 'listen') ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen');
-  const limits = { listen: listenAddr, maxConns: maxConns(f), graceMs: graceMs(f) };
+  const limits = { listen: listenAddr, maxConns: maxConns(f), graceMs: graceMs(f), ...opsOptions(f) };
   const tun = f.tun as string[] | undefined;
   const forward = str(f, 'forward');
   if (tun !== undefined) {
@@ -629,6 +666,7 @@ async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly s
     const target = parseAddress(forward, '--forward');
     const workers = integer('workers', str(f, 'workers'), 1, 1, MAX_WORKERS);
     if (workers > 1 && f.step) throw new VpnError('USAGE', '--workers cannot be used with --step');
+    if (workers > 1) refuse(f, ['control', 'metrics'], (n) => `${n} does not take --workers yet (each worker has counters of its own); run one server per core behind a load balancer (--accept-proxy) instead`);
     const base = await sessionBase(f, 'server')();
     if (workers > 1) return await superviseWorkers({ workers, listen: listenAddr, keys: base.keys as LongTermKeys, args: rawArgs, graceMs: limits.graceMs }); // no --keyring (sessionBase)
     return await serve(base, { ...limits, reusePort: workerIndex() > 0 }, forwardMode(target, f['proxy-protocol'] === true));
@@ -683,7 +721,37 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
   return await connectOne(base, target, grace, stdioMode(io, 'client'), { beforeExit: () => io.drained() });
 }
 
+/** `--control`, `--metrics` and `--accept-proxy` of serve, checked (control.ts, metrics.ts, proxy.ts). */
+function opsOptions(f: Flags): { control?: string | null; metrics?: { host: string; port: number }; acceptProxy: boolean } {
+  const m = str(f, 'metrics');
+  if (f['metrics-public'] && m === undefined) throw new VpnError('USAGE', '--metrics-public needs --metrics HOST:PORT');
+  let metrics: { host: string; port: number } | undefined;
+  if (m !== undefined) {
+    const a = parseAddress(m, '--metrics');
+    if (a.kind !== 'tcp') throw new VpnError('USAGE', '--metrics takes HOST:PORT (Prometheus scrapes over TCP), not a unix socket');
+    if (!isLoopback(a.host) && !f['metrics-public']) {
+      throw new VpnError('USAGE', `--metrics ${printable(m)} is not a loopback address: anyone who can reach it would see the counters; add --metrics-public if that is what you want`);
+    }
+    metrics = { host: a.host, port: a.port };
+  }
+  const c = str(f, 'control');
+  // A worker of serve --workers has no control socket: the default path would be the same for all of them.
+  const control = workerIndex() > 0 || c === 'none' ? null : c;
+  return { control, metrics, acceptProxy: f['accept-proxy'] === true };
+}
+
+async function statusCommand(f: Flags, positionals: string[]): Promise<number> {
+  if (positionals.length > 0) throw new VpnError('USAGE', `status takes no positional arguments (give --control PATH, or the --listen the server was started with)`);
+  const c = str(f, 'control');
+  if (c === 'none') throw new VpnError('USAGE', '--control none turns the control socket off; status needs one');
+  const path = c ?? defaultControlPath(parseAddress(str(f, 'listen') ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen'));
+  const answer = await queryStatus(path);
+  process.stdout.write(f.json ? `${JSON.stringify(answer, null, 2)}\n` : formatStatus(answer));
+  return EXIT_OK;
+}
+
 function helpFor(command: string | undefined): string {
+  if (command === 'status') return USAGE_STATUS;
   return command === 'serve' ? USAGE_SERVE : command === 'connect' ? USAGE_CONNECT : command === 'keygen' ? USAGE_KEYGEN : USAGE_MAIN;
 }
 
@@ -732,6 +800,7 @@ async function main(argv: string[]): Promise<number> {
   try {
     if (command === 'keygen') return keygen(flags, positionals);
     if (command === 'serve') return await serveCommand(flags, positionals, args);
+    if (command === 'status') return await statusCommand(flags, positionals);
     return await connectCommand(flags, positionals);
   } catch (e) {
     const err = asVpnError(e, 'USAGE');
