@@ -634,7 +634,7 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
       addrs.set(session, r.addrs);
       return r.answer;
     },
-    describe: (s) => `client ${s.peer} is ${addrsText(addrs.get(s)!)} (protocol v${s.version})`,
+    describe: (s) => `client ${s.clientName === null ? s.peer : `${s.clientName} ${s.peer}`} is ${addrsText(addrs.get(s)!)} (protocol v${s.version})`,
     app: (session) => ({
       onOpen: (s) => {
         const a = addrs.get(s)!;
@@ -651,7 +651,7 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
         const secs = ((Date.now() - session.startedAt) / 1000).toFixed(1);
         const why = err ? err.message : 'clean end';
         const n = (a.v4 !== null ? 1 : 0) + (a.v6 !== null ? 1 : 0);
-        const line = `client ${addrsText(a)} (${session.peer}) gone after ${secs} s, ${session.bytesIn} bytes in, ${session.bytesOut} bytes out: ${why}; ${n > 1 ? 'addresses' : 'address'} released`;
+        const line = `client ${addrsText(a)} (${session.clientName === null ? session.peer : `${session.clientName} ${session.peer}`}) gone after ${secs} s, ${session.bytesIn} bytes in, ${session.bytesOut} bytes out: ${why}; ${n > 1 ? 'addresses' : 'address'} released`;
         if (err) log.warn(line);
         else log.info(line);
       },

@@ -1378,4 +1378,46 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     srv.kill('SIGTERM');
     expect(await srv.exit()).toBe(0);
   }, 45_000);
+
+  test('a keyring server (issue 13): each key gets its bound address (explicit, or derived from its name and the same after a reconnect), no key gets another\'s, the log names each client', async () => {
+    const ring = join(work, 'tun-ring');
+    const alice = join(work, 'alice.key');
+    const bob = join(work, 'bob.key');
+    for (const f of [ring, alice, bob]) rmSync(f, { force: true });
+    for (const [name, out, extra] of [['alice', alice, ['--tun-address', '10.66.0.50']], ['bob', bob, []]] as const) {
+      const k = new Proc(['bun', VPN, 'keygen', '--client', name, '--keyring', ring, ...extra, out]);
+      expect(await k.exit(), k.stderr).toBe(0);
+    }
+    // bob's address: what the keyring's rule derives from his name in this subnet (keyring.ts bindAddresses)
+    const { Keyring, bindAddresses, parseKeyringText } = await import('../keyring.ts');
+    const { readFileSync } = await import('node:fs');
+    const bound = bindAddresses(new Keyring(ring, parseKeyringText(readFileSync(ring, 'utf8'), ring)), new AddressPool(parseCidr('10.66.0.1/24', 't')), (e) => e.tun, formatIPv4);
+    const bobAddr = formatIPv4(bound.get('bob')!);
+    const port = nextPort++;
+    const srv = vpnIn(NS.srv, ['serve', '--listen', `0.0.0.0:${port}`, '--tun', '10.66.0.1/24', '--keyring', ring]);
+    await srv.waitFor(/^listening on /m);
+    const a = vpnIn(NS.c1, ['connect', `${SERVER1}:${port}`, '--key', alice, '--tun', 'auto']);
+    expect((await a.waitFor(/^tunnel up: (\S+) (\S+)\/24/m))[2]).toBe('10.66.0.50');
+    let b = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', bob, '--tun', 'auto']);
+    expect((await b.waitFor(/^tunnel up: (\S+) (\S+)\/24/m))[2]).toBe(bobAddr);
+    await srv.waitFor(/session opened alice 192\.168\.77\.2:\d+ \(protocol v3\)/);
+    await srv.waitFor(/session opened bob 192\.168\.77\.6:\d+ \(protocol v3\)/);
+    expect(ping(NS.c1, '10.66.0.1', 2).received).toBe(2);
+    expect(ping(NS.c2, '10.66.0.1', 2).received).toBe(2);
+    // bob asks for alice's address: refused, and alice keeps it.
+    const thief = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', bob, '--tun', '10.66.0.50', '--no-reconnect']);
+    expect(await thief.exit()).toBe(2);
+    expect(thief.stderr).toMatch(new RegExp(`asked for 10\\.66\\.0\\.50, but the key of bob is bound to ${bobAddr.replaceAll(".", "\\.")} on this server`));
+    expect(ping(NS.c1, '10.66.0.1', 2).received).toBe(2);
+    // bob comes back: the same address.
+    b.kill('SIGTERM');
+    expect(await b.exit()).toBe(0);
+    b = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', bob, '--tun', 'auto']);
+    expect((await b.waitFor(/^tunnel up: (\S+) (\S+)\/24/m))[2]).toBe(bobAddr);
+    for (const p of [a, b]) p.kill('SIGTERM');
+    for (const p of [a, b]) expect(await p.exit()).toBe(0);
+    srv.kill('SIGTERM');
+    expect(await srv.exit()).toBe(0);
+    expect(srv.stderr).toMatch(/client alice 192\.168\.77\.2:\d+ is 10\.66\.0\.50/);
+  }, 40_000);
 });
