@@ -105,7 +105,9 @@ function watchKeyring(keys: KeyringFile, life: Lifecycle): () => void {
       const why = next.get(name) ? 'was replaced by a new key' : 'was removed from the keyring';
       log.warn(`session of ${name} (${s.peer}) ends: its key ${why} (SIGHUP)`);
       const err = new VpnError('AUTH_FAILED', `the server revoked this client key (the key of ${name} ${why})`);
-      if (s.opened) s.refuse(err);
+      // Open and still sending: say why in a CLOSE. Otherwise (a handshake in progress, or our CLOSE already sent)
+      // nothing more may be sent: reset.
+      if (s.opened && s.sending) s.refuse(err);
       else s.abort(err);
       ended++;
     }

@@ -389,6 +389,7 @@ describe('keygen --client and serve --keyring (real processes)', () => {
     expect(Date.now() - t0).toBeLessThan(1000);
     const rb = await b;
     expect(rb.error).not.toBeNull(); // bob's stream was cut, and says so
+    await cb.waitFor(/the server revoked this client key \(the key of bob was removed from the keyring\)/, 3000);
     const ra = await a;
     expect(ra.error).toBeNull();
     expect(ra.digest).toBe(sha256(dataA));
