@@ -60,12 +60,12 @@ export function parseConfig(text: string, path: string, command: string, options
   for (const [key, value] of Object.entries(doc)) {
     cfg.lines.set(key, lines.get(key) ?? 0);
     const shown = JSON.stringify(key);
-    if (command === 'connect' && key === SERVER_KEY && !(key in options)) {
+    if (command === 'connect' && key === SERVER_KEY && !Object.hasOwn(options, key)) {
       if (typeof value !== 'string') throw new VpnError('USAGE', `${at(key)}: ${shown} (the server's HOST:PORT) expects a string, got ${typeName(value)}`);
       cfg.server = value;
       continue;
     }
-    const spec = options[key];
+    const spec = Object.hasOwn(options, key) ? options[key] : undefined; // not toString, __proto__ …
     if (typeof value === 'object' && value !== null && !Array.isArray(value)) {
       throw new VpnError('USAGE', `${at(key)}: [${key}] is a table; this file takes no tables, only the flags of ${command} as top-level keys`);
     }
@@ -161,7 +161,7 @@ export function locate(e: VpnError, cfg: Config): VpnError {
 export function flagsToArgs(flags: ConfigFlags, options: Record<string, { kind: OptionKind }>): string[] {
   const out: string[] = [];
   for (const [k, v] of Object.entries(flags)) {
-    if (v === undefined || v === false || !options[k]) continue;
+    if (v === undefined || v === false || !Object.hasOwn(options, k)) continue;
     if (v === true) out.push(`--${k}`);
     else if (Array.isArray(v)) for (const x of v) out.push(`--${k}=${x}`);
     else out.push(`--${k}=${v}`);

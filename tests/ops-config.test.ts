@@ -119,6 +119,7 @@ describe('config files: the parser', () => {
     ['a key of the other command', 'serve', 'local = "15432"\n', /^config file test\.toml line 1: serve does not take "local"/],
     ['server on serve', 'serve', 'server = "h:1"\n', /^config file test\.toml line 1: unknown key "server"/],
     ['config itself', 'connect', 'config = "other.toml"\n', /line 1: unknown key "config"/],
+    ['a key named like an Object property', 'serve', 'toString = "x"\n', /line 1: unknown key "toString"/],
     ['a string for a switch', 'serve', 'once = "yes"\n', /line 1: "once" expects true or false, got a string/],
     ['an array for a value', 'serve', 'listen = ["a", "b"]\n', /line 1: "listen" expects a string or a number, got an array/],
     ['a number in a list', 'serve', 'tun = "10.1.0.1/24"\nroute = ["10.0.0.0/8", true]\n', /line 2: "route" expects a string or an array of strings/],
