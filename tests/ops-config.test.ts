@@ -8,22 +8,10 @@ import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { flagsToArgs, keyLines, parseConfig } from '../config.ts';
 import { COMMAND_FLAGS, OPTIONS } from '../vpn.ts';
-import { keygen, random, ROOT, sha256, tempDir, VpnProcess } from './helpers.ts';
+import { keygen, random, sha256, tempDir, VpnProcess } from './helpers.ts';
+import { readmeExample, readmeExamples } from './readme.ts';
 
 setDefaultTimeout(20_000);
-
-/** The ```toml blocks of README "### Config files", each with the command its first line names. */
-function readmeExamples(): { name: string; command: 'serve' | 'connect'; text: string }[] {
-  const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
-  const out: { name: string; command: 'serve' | 'connect'; text: string }[] = [];
-  for (const m of readme.matchAll(/```toml\n([\s\S]*?)```/g)) {
-    const text = m[1]!;
-    const head = /^# (\S+): vpn (serve|connect) --config/.exec(text);
-    if (!head) throw new Error(`a README toml example does not start with "# PATH: vpn serve|connect --config": ${text.split('\n')[0]}`);
-    out.push({ name: head[1]!, command: head[2] as 'serve' | 'connect', text });
-  }
-  return out;
-}
 
 const parse = (text: string, command: 'serve' | 'connect', path = 'test.toml') => parseConfig(text, path, command, OPTIONS, COMMAND_FLAGS[command]!);
 
@@ -139,21 +127,12 @@ describe('config files: end to end', () => {
     using dir = tempDir();
     const key = await keygen(dir.path);
     using target = echoServer();
-    const ex = readmeExamples();
-    const srvText = ex
-      .find((e) => e.name === '/etc/vpn/db.toml')!
-      .text.replace(/^listen = .*$/m, 'listen = "127.0.0.1:0"')
-      .replace(/^key = .*$/m, `key = ${JSON.stringify(key)}`)
-      .replace(/^forward = .*$/m, `forward = "127.0.0.1:${target.port}"`);
+    const srvText = readmeExample('/etc/vpn/db.toml', { listen: '127.0.0.1:0', key, forward: `127.0.0.1:${target.port}` });
     writeFileSync(join(dir.path, 'db.toml'), srvText);
     using srv = new VpnProcess(['serve', '--config', join(dir.path, 'db.toml')]);
     const sport = await srv.listeningPort();
     expect(srv.stderr).not.toContain('[worker'); // no worker complained; and two of them run:
-    const cliText = ex
-      .find((e) => e.name === '/etc/vpn/db-client.toml')!
-      .text.replace(/^server = .*$/m, `server = "127.0.0.1:${sport}"`)
-      .replace(/^key = .*$/m, `key = ${JSON.stringify(key)}`)
-      .replace(/^local = .*$/m, 'local = "127.0.0.1:0"');
+    const cliText = readmeExample('/etc/vpn/db-client.toml', { server: `127.0.0.1:${sport}`, key, local: '127.0.0.1:0' });
     writeFileSync(join(dir.path, 'db-client.toml'), cliText);
     using cli = new VpnProcess(['connect', '--config', join(dir.path, 'db-client.toml')]);
     const lport = await cli.listeningPort();

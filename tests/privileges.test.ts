@@ -1,15 +1,19 @@
 /**
- * `--user`/`--group` (privileges.ts): a TUN server and client drop root once their interface is up. In two network
- * namespaces this test creates (192.168.79.0/24 between them, 10.79.0.0/24 in the tunnel, 10.80.0.0/16 routed
- * through it; all removed afterwards): every thread runs as the user, the server keeps no capability, the client
- * only CAP_NET_ADMIN (also ambient, for its `ip` children), ping crosses the tunnel, the client sets its address and
- * route after the drop, keeps them through a server restart and removes them at exit. Plus the refusals.
+ * `--user`/`--group` (privileges.ts): a TUN server and client drop root once their interface is up. They run from
+ * README's TUN example config files (a server with a keyring, a client of it; `user` is nobody here), in two network
+ * namespaces this test creates (192.168.79.0/24 between them; in the tunnel the examples' 10.66.0.0/24 and
+ * fd00:66::/64, and their routes 192.168.10.0/24 and 10.77.0.0/16; all removed afterwards): every thread runs as the
+ * user, the server keeps no capability, the client only CAP_NET_ADMIN (also ambient, for its `ip` children), ping
+ * crosses the tunnel, the client sets its addresses and routes after the drop, keeps them through a server restart
+ * and removes them at exit. Plus the refusals.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { CAP_NET_ADMIN } from '../privileges.ts';
-import { keygen, Proc, tempDir, VPN, VpnProcess } from './helpers.ts';
+import { Proc, tempDir, VPN, VpnProcess } from './helpers.ts';
 import { execIn, inNetns, Namespaces, netnsUnavailable } from './netns.ts';
+import { readmeExample } from './readme.ts';
 
 setDefaultTimeout(20_000);
 
@@ -36,12 +40,19 @@ const pings = (ns: string, dst: string) => execIn(ns, ['ping', '-n', '-c', '3', 
 
 const vpnIn = (ns: string, args: string[]) => new Proc(inNetns(ns, ['bun', VPN, ...args]));
 
-let key = '';
 const dir = tempDir();
+const serverConfig = join(dir.path, 'tun-server.toml');
+const clientConfig = join(dir.path, 'tun-client.toml');
 
 beforeAll(async () => {
   if (skipReason) return;
-  key = await keygen(dir.path);
+  // README's keyring: one client key, added by keygen --client.
+  const keyring = join(dir.path, 'keyring');
+  const clientKey = join(dir.path, 'laptop.key');
+  const kg = new VpnProcess(['keygen', '--client', 'laptop', '--keyring', keyring, clientKey]);
+  if ((await kg.exit()) !== 0) throw new Error(`keygen --client failed: ${kg.stderr}`);
+  writeFileSync(serverConfig, readmeExample('/etc/vpn/tun-server.toml', { listen: `${SERVER}:${PORT}`, keyring, user: USER, grace: '1' }));
+  writeFileSync(clientConfig, readmeExample('/etc/vpn/tun-client.toml', { server: `${SERVER}:${PORT}`, key: clientKey, user: USER }));
   spaces.add(NS.srv);
   spaces.add(NS.cli);
   spaces.veth(NS.srv, 'vt0', NS.cli, 'vt0', { a: `${SERVER}/24`, b: '192.168.79.2/24' });
@@ -54,12 +65,12 @@ afterAll(() => {
 
 describe('--user: dropping root in TUN mode', () => {
   test.skipIf(skipReason !== null || !nobody)(
-    `a TUN server and client run as ${USER} after setup (server: no capability; client: only CAP_NET_ADMIN), and traffic, a reconnect and the cleanup still work`,
+    `README's TUN server (keyring) and client run as ${USER} after setup (server: no capability; client: only CAP_NET_ADMIN), and traffic, a reconnect and the cleanup still work`,
     async () => {
       const [uid, gid] = [nobody![1]!, nobody![2]!];
-      const serverArgs = ['serve', '--listen', `${SERVER}:${PORT}`, '--tun', '10.79.0.1/24', '--key', key, '--user', USER, '--grace', '1'];
+      const serverArgs = ['serve', '--config', serverConfig];
       let srv = vpnIn(NS.srv, serverArgs);
-      const cli = vpnIn(NS.cli, ['connect', `${SERVER}:${PORT}`, '--key', key, '--tun', 'auto', '--route', '10.80.0.0/16', '--user', USER, '--grace', '1']);
+      const cli = vpnIn(NS.cli, ['connect', '--config', clientConfig, '--grace', '1']);
       try {
         await srv.listeningPort();
         expect(srv.stderr).toContain(`dropped root: now uid ${uid} (${USER}), gid ${gid}, no capabilities`);
@@ -81,25 +92,31 @@ describe('--user: dropping root in TUN mode', () => {
           expect(main.prm).toBe(caps);
           expect(main.amb).toBe(caps);
         }
-        // The client's address and its route were set by ip children after the drop, with the ambient capability.
+        // The client's addresses and routes (its own and the pushed one) were set by ip children after the drop,
+        // with the ambient capability.
         const dev = /tunnel up: (vpn\d+) /.exec(cli.stderr)![1]!;
-        expect(execIn(NS.cli, ['ip', 'route', 'show', '10.80.0.0/16']).out).toContain(`dev ${dev}`);
-        expect(pings(NS.cli, '10.79.0.1')).toBe(true);
+        const routes = () => execIn(NS.cli, ['ip', 'route', 'show', 'dev', dev]).out;
+        expect(routes()).toContain('10.77.0.0/16');
+        expect(routes()).toContain('192.168.10.0/24');
+        expect(execIn(NS.cli, ['ip', '-6', 'addr', 'show', 'dev', dev]).out).toContain('fd00:66::');
+        expect(pings(NS.cli, '10.66.0.1')).toBe(true);
+        expect(pings(NS.cli, 'fd00:66::1')).toBe(true);
 
         // The server restarts (SIGKILL, then again as root dropping to nobody); the client, unprivileged, reconnects.
         srv.kill('SIGKILL');
         await srv.exit();
         srv = vpnIn(NS.srv, serverArgs);
         await srv.listeningPort();
-        await srv.waitFor(/is 10\.79\.0\.\d+/, 15_000);
+        await srv.waitFor(/is 10\.66\.0\.\d+/, 15_000);
         let back = false;
-        for (let i = 0; i < 10 && !back; i++) back = pings(NS.cli, '10.79.0.1');
+        for (let i = 0; i < 10 && !back; i++) back = pings(NS.cli, '10.66.0.1');
         expect(back).toBe(true);
-        expect(execIn(NS.cli, ['ip', 'route', 'show', '10.80.0.0/16']).out).toContain(`dev ${dev}`);
+        expect(routes()).toContain('10.77.0.0/16');
 
         cli.kill('SIGTERM');
         expect(await cli.exit()).toBe(0);
-        expect(execIn(NS.cli, ['ip', 'route', 'show', '10.80.0.0/16']).out.trim()).toBe('');
+        expect(execIn(NS.cli, ['ip', 'route', 'show', '10.77.0.0/16']).out.trim()).toBe('');
+        expect(execIn(NS.cli, ['ip', 'route', 'show', '192.168.10.0/24']).out.trim()).toBe('');
         expect(execIn(NS.cli, ['ip', 'link', 'show', dev]).ok).toBe(false);
         srv.kill('SIGTERM');
         expect(await srv.exit()).toBe(0);
