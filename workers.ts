@@ -88,8 +88,9 @@ export function workerEnv(index: number, env: Record<string, string | undefined>
   return out;
 }
 
+/** K_wrap ‖ K_auth (‖ K_hint, for a key file: version 3 clients holding the same key, PROTOCOL.md §4.1) in hex. */
 function keysLine(keys: LongTermKeys): string {
-  return Buffer.from(keys.wrap).toString('hex') + Buffer.from(keys.auth).toString('hex') + '\n';
+  return [keys.wrap, keys.auth, ...(keys.hint ? [keys.hint] : [])].map((k) => Buffer.from(k).toString('hex')).join('') + '\n';
 }
 
 /**
@@ -99,18 +100,22 @@ function keysLine(keys: LongTermKeys): string {
 export async function keysFromSupervisor(orphaned: () => void): Promise<LongTermKeys> {
   const reader = Bun.stdin.stream().getReader();
   let text = '';
-  const limit = 4 * KEY_LEN + 1;
+  const limit = 6 * KEY_LEN + 1;
   while (!text.includes('\n') && text.length <= limit) {
     const { value, done } = await reader.read();
     if (done) break;
     text += Buffer.from(value).toString('latin1');
   }
   const line = text.split('\n')[0]!;
-  if (!/^[0-9a-f]+$/.test(line) || line.length !== 4 * KEY_LEN) {
+  if (!/^[0-9a-f]+$/.test(line) || (line.length !== 4 * KEY_LEN && line.length !== 6 * KEY_LEN)) {
     throw new VpnError('USAGE', 'VPN_WORKER is set but stdin did not bring the keys (VPN_WORKER is for serve --workers only)');
   }
   const raw = Buffer.from(line, 'hex');
-  const keys = { wrap: new Uint8Array(raw.subarray(0, KEY_LEN)), auth: new Uint8Array(raw.subarray(KEY_LEN)) };
+  const keys: LongTermKeys = {
+    wrap: new Uint8Array(raw.subarray(0, KEY_LEN)),
+    auth: new Uint8Array(raw.subarray(KEY_LEN, 2 * KEY_LEN)),
+    ...(raw.length === 3 * KEY_LEN ? { hint: new Uint8Array(raw.subarray(2 * KEY_LEN)) } : {}),
+  };
   raw.fill(0);
   void (async () => {
     try {

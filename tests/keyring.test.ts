@@ -351,6 +351,23 @@ describe('keygen --client and serve --keyring (real processes)', () => {
     }
   });
 
+  test('a one-key server (--key) takes a client key file holding its key, with --workers too (the workers get K_hint)', async () => {
+    using dir = tempDir();
+    const alice = await addKey(dir.path, 'alice');
+    using echo = echoServer();
+    for (const extra of [[], ['--workers', '2']]) {
+      using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', alice, '--forward', `127.0.0.1:${echo.port}`, ...extra]);
+      const port = await srv.listeningPort();
+      using cli = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', alice, '--local', '127.0.0.1:0']);
+      const lport = await cli.listeningPort();
+      const data = random(50_000);
+      const r = await echoThrough(lport, data, 20);
+      expect(r.error, srv.stderr).toBeNull();
+      expect(r.digest).toBe(sha256(data));
+      await srv.waitFor(/session opened 127\.0\.0\.1:\d+ \(protocol v3\)/);
+    }
+  });
+
   test('modes= limits what a key may be used for: a tun-only key is refused by a forward server with the reason', async () => {
     using dir = tempDir();
     const alice = await addKey(dir.path, 'alice', ['--modes', 'tun']);
