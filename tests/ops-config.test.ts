@@ -149,6 +149,29 @@ describe('config files: end to end', () => {
     expect(await cli.exit()).toBe(0);
   });
 
+  test('workers = 2 with the secret in a 0600 file: the workers serve with it, and it is in no worker\'s argv or environment', async () => {
+    using dir = tempDir();
+    const secret = `cfg-${Buffer.from(random(12)).toString('hex')}`;
+    using target = echoServer();
+    const file = join(dir.path, 'w.toml');
+    writeFileSync(file, `listen = "127.0.0.1:0"\nforward = "127.0.0.1:${target.port}"\nworkers = 2\nsecret = "${secret}"\n`, { mode: 0o600 });
+    using srv = new VpnProcess(['serve', '--config', file]);
+    const sport = await srv.listeningPort();
+    const workers = readFileSync(`/proc/${srv.pid}/task/${srv.pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
+    expect(workers.length).toBe(2);
+    for (const w of workers) {
+      expect(readFileSync(`/proc/${w}/cmdline`, 'utf8')).toContain('--forward=127.0.0.1:');
+      expect(readFileSync(`/proc/${w}/cmdline`, 'utf8')).not.toContain(secret);
+      expect(readFileSync(`/proc/${w}/cmdline`, 'utf8')).not.toContain('--config');
+      expect(readFileSync(`/proc/${w}/environ`, 'utf8')).not.toContain(secret);
+    }
+    using cli = new VpnProcess(['connect', `127.0.0.1:${sport}`, '--local', '127.0.0.1:0'], { env: { VPN_SECRET: secret } });
+    const lport = await cli.listeningPort();
+    const data = random(200_000);
+    expect(sha256(await roundTrip(lport, data))).toBe(sha256(data));
+    expect(srv.stderr + cli.stderr).not.toContain(secret);
+  });
+
   test('command-line flags override the file: a bad --max-conns and a wrong listen in the file are replaced', async () => {
     using dir = tempDir();
     const key = await keygen(dir.path);
