@@ -77,7 +77,8 @@ const COMMON_HELP = `Common options:
   --quiet                log errors only
   --config FILE          take options from a TOML file: its keys are the long flags without --
                          (listen = "0.0.0.0:32694", workers = 2, route = ["10.0.0.0/8"]);
-                         flags on the command line override the file's values
+                         connect's HOST:PORT is server = "HOST:PORT"; flags on the command line
+                         override the file's values
   --user NAME            with --tun, as root: once the interface is up, run as user NAME (and
   --group NAME           its group, or --group NAME), keeping only CAP_NET_ADMIN (a client's
                          routes) or, on a port below 1024, CAP_NET_BIND_SERVICE (a server)
