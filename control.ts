@@ -89,11 +89,7 @@ async function clearStale(path: string): Promise<void> {
     return;
   }
   if (!st.isSocket()) throw new VpnError('USAGE', `--control ${path}: a file that is not a socket is in the way; remove it or choose another path`);
-  const alive = await Bun.connect({ unix: path, socket: { data() {}, open: (s) => void s.end(), error() {} } }).then(
-    (s) => (s.end(), true),
-    () => false,
-  );
-  if (alive) throw new VpnError('USAGE', `--control ${path}: another server answers there; stop it or choose another path (--control PATH)`);
+  if (await answers(path)) throw new VpnError('USAGE', `--control ${path}: another server answers there; stop it or choose another path (--control PATH)`);
   try {
     unlinkSync(path);
   } catch {
@@ -101,23 +97,45 @@ async function clearStale(path: string): Promise<void> {
   }
 }
 
+/** Most leftovers looked at per start (each costs one connect attempt). */
+const SWEEP_MAX = 64;
+
 /**
- * Remove the sockets of killed servers from the default directory (a SIGKILL leaves its file behind): every
- * `*.sock` there that no process has bound. Bound paths come from /proc/net/unix, read after the directory, so a
- * socket created meanwhile is never taken for a stale one. Without /proc nothing is removed.
+ * Remove the sockets of killed servers from the default directory (a SIGKILL leaves its file behind). A `*.sock`
+ * there that this network namespace's /proc/net/unix does not list as bound is only a candidate — a server in
+ * another namespace shares the directory but not that list — and is removed only when connecting to it is refused
+ * and it is still the same file (inode) afterwards. At most SWEEP_MAX per start; without /proc nothing is removed.
  */
-function sweepStale(dir: string): void {
+async function sweepStale(dir: string, keep: string): Promise<void> {
+  let candidates: string[];
   try {
     const names = readdirSync(dir).filter((n) => n.endsWith('.sock'));
     if (names.length === 0) return;
+    // Read after the directory: a socket bound meanwhile is listed, never taken for a leftover.
     const bound = new Set(readFileSync('/proc/net/unix', 'latin1').split('\n').map((l) => /^\S+:(?:\s+\S+){6}\s+(\/.*)$/.exec(l)?.[1] ?? ''));
-    for (const n of names.slice(0, 4096)) {
-      const p = join(dir, n);
-      if (!bound.has(p) && lstatSync(p).isSocket()) unlinkSync(p);
-    }
+    candidates = names.map((n) => join(dir, n)).filter((p) => p !== keep && !bound.has(p)).slice(0, SWEEP_MAX);
   } catch {
-    // nothing to sweep, or no /proc: leftovers stay until a server starts on their address
+    return;
   }
+  await Promise.all(
+    candidates.map(async (p) => {
+      try {
+        const before = lstatSync(p);
+        if (!before.isSocket() || (await answers(p))) return;
+        if (lstatSync(p).ino === before.ino) unlinkSync(p);
+      } catch {
+        // gone meanwhile
+      }
+    }),
+  );
+}
+
+/** Whether something accepts connections on the unix socket at `path`. */
+async function answers(path: string): Promise<boolean> {
+  return await Bun.connect({ unix: path, socket: { data() {}, open: (s) => void s.end(), error() {} } }).then(
+    (s) => (s.end(), true),
+    () => false,
+  );
 }
 
 // ---- the snapshot ----
@@ -185,7 +203,7 @@ export async function startControl(path: string, isDefault: boolean, stats: Serv
   if (path.length > 107) throw new VpnError('USAGE', `--control ${path}: the path is too long for a unix socket (107 bytes at most)`);
   if (isDefault) {
     privateDir(dirname(path));
-    sweepStale(dirname(path));
+    await sweepStale(dirname(path), path);
   }
   await clearStale(path);
   let clients = 0;

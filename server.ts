@@ -498,7 +498,7 @@ export async function serve(base: SessionBase, o: ServeOptions, mode: Mode): Pro
         if (counted) limiter.release();
         stats.live.delete(entry);
         if (err && !session.authenticated) stats.handshake(err.code);
-        else if (err && session.opened) stats.drop(err.code);
+        else if (err && !refused) stats.drop(err.code); // a refusal was counted when it was made
         logSessionEnd(session, err, refused);
         app!.onEnd(err);
         life.remove(conn);

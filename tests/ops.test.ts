@@ -210,7 +210,19 @@ describe('status', () => {
     sock.end();
   });
 
-  test('the default socket is mode 0600 in a 0700 directory, found by --listen, and removed at exit', async () => {
+  test('the default socket is mode 0600 in a 0700 directory, found by --listen, and removed at exit; a killed server\'s leftover there is swept, a live socket kept', async () => {
+    mkdirSync(controlDir(), { recursive: true, mode: 0o700 });
+    const leftover = join(controlDir(), `ops-test-leftover-${process.pid}.sock`);
+    const live = join(controlDir(), `ops-test-live-${process.pid}.sock`);
+    const killed = Bun.spawn(['bun', '-e', `Bun.listen({ unix: ${JSON.stringify(leftover)}, socket: { data() {} } }); process.kill(process.pid, 'SIGKILL')`]);
+    await killed.exited;
+    expect(lstatSync(leftover).isSocket()).toBe(true);
+    // A live server in another network namespace (unshare -n) shares the directory but not our /proc/net/unix.
+    // (Without root, where unshare cannot make one, the live socket is in ours.)
+    const ns = process.getuid?.() === 0 && has('unshare') ? ['unshare', '-n'] : [];
+    using other = new Proc([...ns, 'bun', '-e', `Bun.listen({ unix: ${JSON.stringify(live)}, socket: { data() {} } }); console.error('bound'); await Bun.sleep(20000)`]);
+    await other.waitFor(/bound/);
+    if (ns.length > 0) expect(readFileSync('/proc/net/unix', 'latin1')).not.toContain(live);
     using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key]);
     const port = await srv.listeningPort();
     const path = defaultControlPath({ kind: 'tcp', host: '127.0.0.1', port });
@@ -222,6 +234,8 @@ describe('status', () => {
     const r = await run(['status', '--listen', `127.0.0.1:${port}`, '--json']);
     expect(r.code, r.err).toBe(0);
     expect(JSON.parse(r.out).server.control).toBe(path);
+    expect(() => lstatSync(leftover)).toThrow();
+    expect(lstatSync(live).isSocket()).toBe(true);
     srv.kill('SIGTERM');
     expect(await srv.exit()).toBe(0);
     expect(() => lstatSync(path)).toThrow();
