@@ -18,7 +18,7 @@ import type { Socket } from 'bun';
 import { createHash } from 'node:crypto';
 import { accessSync, chmodSync, constants, lstatSync, mkdirSync, readdirSync, readFileSync, unlinkSync } from 'node:fs';
 import { dirname, isAbsolute, join } from 'node:path';
-import { type Address, DEFAULT_HOST, DEFAULT_PORT, formatAddress } from './address.ts';
+import type { Address } from './address.ts';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { type ServerStats, serveMetrics, TYPE_NAMES } from './metrics.ts';
@@ -63,9 +63,6 @@ export function defaultControlPath(listen: Address): string {
   if (name.length > 64) name = `${name.slice(0, 40)}-${createHash('sha256').update(name).digest('hex').slice(0, 16)}`;
   return join(controlDir(), `${name}.sock`);
 }
-
-/** The default listen address, for `status` without --listen. */
-export const DEFAULT_LISTEN: Address = { kind: 'tcp', host: DEFAULT_HOST, port: DEFAULT_PORT };
 
 /**
  * Make the default directory (mode 0700) if needed, and refuse one that another user owns or that others may
@@ -417,7 +414,12 @@ export function formatStatus(j: Record<string, unknown>): string {
   if (srv.control) lines.push(`  control: ${safe(srv.control)}`);
   if (srv.metrics) lines.push(`  metrics: http://${safe(srv.metrics)}/metrics`);
   const limits = (srv.limits ?? {}) as Record<string, unknown>;
-  lines.push(`  limits: ${Object.entries(limits).map(([k, v]) => `${safe(k, 40).replace(/_/g, '-')} ${safe(v, 40)}`).join(', ') || '-'}`);
+  const limit = ([k, v]: [string, unknown]) => {
+    const name = safe(k, 40).replace(/_s$/, '').replace(/_/g, '-');
+    if (typeof v === 'boolean') return v ? name : null;
+    return `${name} ${safe(v, 40)}${k.endsWith('_s') ? ' s' : ''}`;
+  };
+  lines.push(`  limits: ${Object.entries(limits).map(limit).filter((x) => x !== null).join(', ') || '-'}`);
   lines.push(`  sessions: ${num(srv.sessions_open)} open, ${num(srv.sessions_total)} since start, ${num(srv.handshakes_in_progress)} handshake(s) in progress`);
   const b = (srv.bytes ?? {}) as Record<string, unknown>;
   lines.push(`  transfer: ${bytesText(num(b.in))} received, ${bytesText(num(b.out))} sent; ${bytesText(num(srv.queued_bytes))} queued`);
@@ -437,9 +439,6 @@ export function formatStatus(j: Record<string, unknown>): string {
   if (j.sessions_truncated === true) lines.push('', `(only the first ${sessions.length} sessions are listed)`);
   return lines.join('\n') + '\n';
 }
-
-/** `formatAddress` for the listeners line. */
-export const listenerText = (a: Address) => formatAddress(a);
 
 /** Warn once that the default control socket could not be made (an explicit --control fails the start instead). */
 export function controlUnavailable(path: string, e: unknown): void {

@@ -180,6 +180,7 @@ describe('status', () => {
     expect(human.out).toContain('  mode: forward, protocol v2');
     expect(human.out).toContain('  transfer: 97.66 KiB received, 97.66 KiB sent');
     expect(human.out).toContain('  handshakes: ok 1');
+    expect(human.out).toContain('  limits: max-conns 100, handshake-timeout 5 s, keepalive 25 s, grace 10 s, preauth-max 512, preauth-per-source 64\n');
 
     sock.end();
     expect(await until(async () => (await statusJson(control)).server.sessions_open === 0)).toBe(true);
