@@ -10,8 +10,8 @@
  * addresses, names and modes — never key material. Peer-supplied text (a CONFIG's mode, a client name) is escaped
  * when printed (formatStatus), never trusted.
  *
- * Where the socket lives by default (controlDir, defaultControlPath): /run/vpn when root and /run is writable, else
- * $XDG_RUNTIME_DIR/vpn, else /tmp/vpn-UID; the file is named after the listen address, `127.0.0.1_32694.sock`, so
+ * Where the socket lives by default (controlDir, defaultControlPath): $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=),
+ * else /run/vpn when root and /run is writable, else $XDG_RUNTIME_DIR/vpn, else /tmp/vpn-UID; the file is named after the listen address, `127.0.0.1_32694.sock`, so
  * `status` finds the server started with the same --listen without being told.
  */
 import type { Socket } from 'bun';
@@ -43,6 +43,9 @@ export const STATUS_FORMAT = 1;
 /** The directory of default control sockets for this user (see the file comment). */
 export function controlDir(): string {
   const uid = process.getuid?.() ?? 0;
+  // systemd's RuntimeDirectory=vpn: /run/vpn, made for the unit's user, even without root
+  const rt = process.env.RUNTIME_DIRECTORY?.split(':')[0];
+  if (rt && isAbsolute(rt)) return rt;
   if (uid === 0) {
     try {
       accessSync('/run', constants.W_OK);
@@ -65,8 +68,9 @@ export function defaultControlPath(listen: Address): string {
 }
 
 /**
- * Make the default directory (mode 0700) if needed, and refuse one that another user owns or that others may
- * enter or write: someone else could otherwise put their own socket where status looks, or read ours.
+ * Make the default directory (mode 0700) if needed, and refuse one that another user owns or that others may write
+ * to: someone else could otherwise put their own socket where status looks. (Others may see the socket in a 0755
+ * directory, but its mode 0600 keeps them from connecting.)
  */
 function privateDir(dir: string): void {
   mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -74,7 +78,7 @@ function privateDir(dir: string): void {
   const uid = process.getuid?.() ?? 0;
   if (!st.isDirectory()) throw new VpnError('USAGE', `control socket directory ${dir} is not a directory`);
   if (st.uid !== uid) throw new VpnError('USAGE', `control socket directory ${dir} belongs to another user (uid ${st.uid}); give --control PATH`);
-  if ((st.mode & 0o077) !== 0) throw new VpnError('USAGE', `control socket directory ${dir} is open to other users (mode ${(st.mode & 0o777).toString(8)}); chmod 700 it or give --control PATH`);
+  if ((st.mode & 0o022) !== 0) throw new VpnError('USAGE', `control socket directory ${dir} is writable by other users (mode ${(st.mode & 0o777).toString(8)}); chmod 700 it or give --control PATH`);
 }
 
 /** A socket file nobody accepts on (a killed server's) is removed; a live one or any other file is an error. */

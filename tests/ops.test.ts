@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
 import type { Socket, SocketHandler } from 'bun';
-import { lstatSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { controlDir, defaultControlPath, formatStatus } from '../control.ts';
 import { nativeEngine } from '../engine.ts';
@@ -240,6 +240,22 @@ describe('status', () => {
     srv.kill('SIGTERM');
     expect(await srv.exit()).toBe(0);
     expect(() => lstatSync(path)).toThrow();
+  });
+
+  test('$RUNTIME_DIRECTORY (systemd RuntimeDirectory=) holds the default socket; a directory others may write to is refused with a warning', async () => {
+    const rt = join(dir.path, 'runtime');
+    mkdirSync(rt, { mode: 0o755 });
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key], { env: { RUNTIME_DIRECTORY: rt } });
+    const port = await srv.listeningPort();
+    expect(lstatSync(join(rt, `127.0.0.1_${port}.sock`)).mode & 0o777).toBe(0o600);
+    const p = new VpnProcess(['status', '--listen', `127.0.0.1:${port}`, '--json'], { env: { RUNTIME_DIRECTORY: rt } });
+    expect(await p.exit(), p.stderr).toBe(0);
+    const open = join(dir.path, 'open-runtime');
+    mkdirSync(open);
+    chmodSync(open, 0o777);
+    using srv2 = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key], { env: { RUNTIME_DIRECTORY: open } });
+    await srv2.listeningPort();
+    expect(srv2.stderr).toContain(`warning: no control socket (bun vpn.ts status will not reach this server): control socket directory ${open} is writable by other users (mode 777)`);
   });
 
   test('a stale socket of a killed server is replaced; a live one, or a file that is not a socket, is refused (exit 2)', async () => {
