@@ -206,8 +206,10 @@ export function encodeProxyV2(src: ProxyEndpoint | null, dst: ProxyEndpoint | nu
 /**
  * `serve --accept-proxy`: every accepted Link must open with a valid header within `timeoutMs`. `ready` then gets
  * the Link — its `peer` and `origin` set to the address the header named (or left as the socket's, for LOCAL and
- * UNKNOWN) — and the bytes that came after the header (the tunnel's first bytes; deliver them first). A Link without
- * a valid header in time is reset and `dropped` gets why. At most PROXY_PENDING_MAX Links wait at once.
+ * UNKNOWN) — and the bytes that came after the header (at least one: the tunnel's first bytes; deliver them first).
+ * A Link without a valid header and a byte after it in time is reset and `dropped` gets why; one that closes without
+ * sending a byte, or right after its header (a health check), is closed without a word. At most PROXY_PENDING_MAX
+ * Links wait at once.
  */
 export class ProxyAcceptor {
   private pending = 0;
@@ -229,6 +231,7 @@ export class ProxyAcceptor {
     }
     this.pending++;
     let buf: Uint8Array = new Uint8Array(0);
+    let header: ProxyOrigin | null = null; // parsed; waiting for the tunnel's first byte
     let over = false;
     const end = (why: string | null): boolean => {
       if (over) return false;
@@ -241,10 +244,27 @@ export class ProxyAcceptor {
       }
       return true;
     };
-    const timer = setTimeout(() => end(`no PROXY header within ${this.timeoutMs / 1000} s`), this.timeoutMs);
+    const quiet = () => {
+      if (end(null)) link.abort();
+    };
+    const within = `within ${this.timeoutMs / 1000} s`;
+    const timer = setTimeout(() => end(header ? `no byte after the PROXY header ${within}` : `no PROXY header ${within}`), this.timeoutMs);
+    /** The header is read and a tunnel byte came: hand the Link over, with the bytes after the header. */
+    const handOver = (origin: ProxyOrigin, rest: Uint8Array) => {
+      end(null);
+      if (origin.source) {
+        link.origin = { source: origin.source, destination: origin.destination };
+        link.peer = formatEndpoint(origin.source);
+      }
+      this.ready(link, rest);
+    };
     const events: LinkEvents = {
       onData: (chunk) => {
         if (over) return;
+        if (header) {
+          handOver(header, chunk);
+          return;
+        }
         // Bounded: "more" is only ever said for fewer than PROXY_MAX bytes, so buf stays below PROXY_MAX + one read.
         if (buf.length === 0) buf = chunk;
         else {
@@ -259,16 +279,15 @@ export class ProxyAcceptor {
           end(r.reason);
           return;
         }
-        end(null);
-        if (r.origin.source) {
-          link.origin = { source: r.origin.source, destination: r.origin.destination };
-          link.peer = formatEndpoint(r.origin.source);
-        }
-        this.ready(link, buf.subarray(r.length));
+        const rest = buf.subarray(r.length);
+        if (rest.length > 0) handOver(r.origin, rest);
+        else header = r.origin; // a client speaks first: wait for its first byte
       },
       onDrain: () => {},
-      onEnd: () => void end('the connection ended before a complete PROXY header'),
-      onClose: () => void end('the connection closed before a complete PROXY header'),
+      // Closed without a byte, or right after the header: a health check or port probe (haproxy's `check`, which
+      // sends the header too with send-proxy), not worth a log line.
+      onEnd: () => void (buf.length === 0 || header ? quiet() : end('the connection ended before a complete PROXY header')),
+      onClose: () => void (buf.length === 0 || header ? quiet() : end('the connection closed before a complete PROXY header')),
     };
     link.attach(events);
   }

@@ -457,8 +457,9 @@ describe('--accept-proxy', () => {
         'backend servers',
         '  balance roundrobin',
         '  source 127.0.0.2',
-        `  server s1 127.0.0.1:${p1} send-proxy`,
-        `  server s2 127.0.0.1:${p2} send-proxy-v2`,
+        // plain TCP health checks (connect, close without a byte): the servers must take them without a word
+        `  server s1 127.0.0.1:${p1} send-proxy check inter 200ms`,
+        `  server s2 127.0.0.1:${p2} send-proxy-v2 check inter 200ms`,
         '',
       ].join('\n'),
     );
@@ -497,6 +498,7 @@ describe('--accept-proxy', () => {
     expect(named).toEqual(real);
     expect(s1.stderr + s2.stderr).not.toContain('127.0.0.2');
     expect(s1.stderr + s2.stderr).not.toContain('dropping connection');
+    expect(s1.stderr + s2.stderr).not.toContain('handshake failed');
     console.log(`haproxy: ${o1.length} sessions on the send-proxy server, ${o2.length} on the send-proxy-v2 server`);
   });
 
@@ -535,11 +537,12 @@ describe('--accept-proxy', () => {
     using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', `127.0.0.1:${target.port}`, '--accept-proxy', '--max-conns', '2', '--control', 'none']);
     const port = await srv.listeningPort();
     const header = (a: string, p: number) => new TextEncoder().encode(`PROXY TCP4 ${a} 127.0.0.1 ${p} ${port}\r\n`);
+    const stalled = (a: string, p: number) => new Uint8Array([...header(a, p), 0x02]); // and the first byte of a message 1
     // Two handshakes in progress from 198.51.100.1 fill its share (min(64, --max-conns 2)); a third is refused.
-    using a1 = await idleSocket(port, header('198.51.100.1', 1));
-    using a2 = await idleSocket(port, header('198.51.100.1', 2));
+    using a1 = await idleSocket(port, stalled('198.51.100.1', 1));
+    using a2 = await idleSocket(port, stalled('198.51.100.1', 2));
     await Bun.sleep(200);
-    using a3 = await idleSocket(port, header('198.51.100.1', 3));
+    using a3 = await idleSocket(port, stalled('198.51.100.1', 3));
     await Promise.race([a3.closed, Bun.sleep(3000)]);
     await srv.waitFor(/for handshakes from 198\.51\.100\.1: refusing 198\.51\.100\.1:3/);
     // Another client behind the same balancer (same socket address) is not held up by them.

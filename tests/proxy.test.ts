@@ -215,15 +215,15 @@ describe('ProxyAcceptor', () => {
     const a = new ProxyAcceptor(1000, (link) => peers.push(link.peer), () => {});
     const l1 = fakeLink('127.0.0.2:1');
     a.accept(l1 as unknown as Link);
-    l1.events!.onData(hex('0d0a0d0a000d0a515549540a 20 00 0000'));
+    l1.events!.onData(cat(hex('0d0a0d0a000d0a515549540a 20 00 0000'), ascii('x')));
     const l2 = fakeLink();
     a.accept(l2 as unknown as Link);
-    l2.events!.onData(encodeProxyV2({ address: '2001:db8::1', port: 9 }, { address: '::1', port: 1 }));
+    l2.events!.onData(cat(encodeProxyV2({ address: '2001:db8::1', port: 9 }, { address: '::1', port: 1 }), ascii('x')));
     expect(peers).toEqual(['127.0.0.2:1', '[2001:db8::1]:9']);
     expect(l1.origin).toBeNull();
   });
 
-  test('garbage, an early end and silence are each dropped with a reason, and the Link reset', async () => {
+  test('garbage, an early end and silence are each dropped with a reason, and the Link reset; a health check that sends nothing is closed without a word', async () => {
     const drops: string[] = [];
     const a = new ProxyAcceptor(100, () => {
       throw new Error('must not be accepted');
@@ -237,12 +237,34 @@ describe('ProxyAcceptor', () => {
     ended.events!.onEnd();
     const silent = fakeLink();
     a.accept(silent as unknown as Link);
+    const probe = fakeLink(); // a health check: connects and closes without a byte
+    a.accept(probe as unknown as Link);
+    probe.events!.onEnd();
     await Bun.sleep(250);
-    expect([bad.aborted, ended.aborted, silent.aborted]).toEqual([true, true, true]);
+    expect([bad.aborted, ended.aborted, silent.aborted, probe.aborted]).toEqual([true, true, true, true]);
+    expect(drops).toHaveLength(3); // the probe is not worth a line
     expect(drops[0]).toContain('not a PROXY protocol header');
     expect(drops[1]).toContain('ended before a complete PROXY header');
     expect(drops[2]).toContain('no PROXY header within 0.1 s');
     expect(a.waiting).toBe(0);
+  });
+
+  test('a header alone waits for the tunnel\'s first byte; closed right after its header (a health check), the Link goes without a word', () => {
+    const ready: string[] = [];
+    const drops: string[] = [];
+    const a = new ProxyAcceptor(1000, (_l, rest) => ready.push(Buffer.from(rest).toString()), (_l, why) => drops.push(why));
+    const l = fakeLink();
+    a.accept(l as unknown as Link);
+    l.events!.onData(ascii('PROXY TCP4 203.0.113.9 127.0.0.1 4242 32694\r\n'));
+    expect(ready).toEqual([]);
+    expect(a.waiting).toBe(1);
+    l.events!.onData(ascii('m1'));
+    expect(ready).toEqual(['m1']);
+    const check = fakeLink();
+    a.accept(check as unknown as Link);
+    check.events!.onData(hex('0d0a0d0a000d0a515549540a 20 00 0000'));
+    check.events!.onClose();
+    expect([check.aborted, drops, a.waiting]).toEqual([true, [], 0]);
   });
 
   test(`at most ${PROXY_PENDING_MAX} connections wait for a header; the next is dropped at once`, () => {
