@@ -92,6 +92,14 @@ export function parseProxyHeader(buf: Uint8Array): ProxyParse {
 
 const PORT_RE = /^(?:0|[1-9]\d{0,4})$/;
 
+/**
+ * An IPv6 address as text; an IPv4-mapped one (::ffff:a.b.c.d, an IPv4 client of a dual-stack front) as the IPv4
+ * address it is, so that it counts as that IPv4 source (sourceOf), not as one /64 shared by every IPv4 client.
+ */
+function ip6Text(n: bigint): string {
+  return n >> 32n === 0xffffn ? formatIPv4(Number(n & 0xffffffffn)) : formatIPv6(n);
+}
+
 function port(text: string): number | null {
   if (!PORT_RE.test(text)) return null;
   const n = Number(text);
@@ -120,7 +128,7 @@ function parseV1(buf: Uint8Array): ProxyParse {
   const addr = (t: string): string | null => {
     if (v6) {
       const n = t.includes(':') ? parseIPv6(t) : null;
-      return n === null ? null : formatIPv6(n);
+      return n === null ? null : ip6Text(n);
     }
     const n = parseIPv4(t);
     return n === null || !/^(?:(?:0|[1-9]\d*)\.){3}(?:0|[1-9]\d*)$/.test(t) ? null : formatIPv4(n);
@@ -162,7 +170,7 @@ function parseV2(buf: Uint8Array): ProxyParse {
   if (fam === V2_INET_STREAM) {
     return origin({ address: formatIPv4(v.getUint32(0)), port: v.getUint16(8) }, { address: formatIPv4(v.getUint32(4)), port: v.getUint16(10) });
   }
-  const ip6 = (at: number) => formatIPv6((v.getBigUint64(at) << 64n) | v.getBigUint64(at + 8));
+  const ip6 = (at: number) => ip6Text((v.getBigUint64(at) << 64n) | v.getBigUint64(at + 8));
   return origin({ address: ip6(0), port: v.getUint16(32) }, { address: ip6(16), port: v.getUint16(34) });
 }
 

@@ -33,10 +33,11 @@ describe('PROXY v1 (text)', () => {
     everyPrefixWaits(h);
   });
 
-  test('TCP6: addresses are normalised (RFC 5952), an embedded dotted quad accepted', () => {
+  test('TCP6: addresses are normalised (RFC 5952); an IPv4-mapped one is the IPv4 client it stands for', () => {
     const r = ok(parseProxyHeader(ascii('PROXY TCP6 2001:DB8:0:0:0:0:0:1 ::ffff:10.0.0.1 1 65535\r\n')));
     expect(r.origin.source).toEqual({ address: '2001:db8::1', port: 1 });
-    expect(r.origin.destination).toEqual({ address: '::ffff:a00:1', port: 65535 });
+    expect(r.origin.destination).toEqual({ address: '10.0.0.1', port: 65535 });
+    expect(ok(parseProxyHeader(ascii('PROXY TCP6 ::ffff:a00:2 ::ffff:10.0.0.1 1 2\r\n'))).origin.source).toEqual({ address: '10.0.0.2', port: 1 });
   });
 
   test('the longest TCP6 line fits, and UNKNOWN up to 107 bytes means "use the socket\'s addresses"', () => {
@@ -287,6 +288,10 @@ describe('the real address is what counts', () => {
     expect(sourceOf(link(null))).toBe('127.0.0.1');
     expect(sourceOf(link({ source: { address: '198.51.100.4', port: 7 }, destination: null }))).toBe('198.51.100.4');
     expect(sourceOf(link({ source: { address: '2001:db8:1:2:3::5', port: 7 }, destination: null }))).toBe('2001:db8:1:2::/64');
+    // an IPv4 client of a dual-stack front, in a v2 TCP6 header as ::ffff:198.51.100.4: its own IPv4 source
+    const mapped = ok(parseProxyHeader(encodeProxyV2({ address: '::ffff:198.51.100.4', port: 7 }, { address: '::ffff:192.0.2.1', port: 443 })));
+    expect(mapped.origin.source).toEqual({ address: '198.51.100.4', port: 7 });
+    expect(sourceOf(link({ source: mapped.origin.source!, destination: mapped.origin.destination }))).toBe('198.51.100.4');
   });
 
   test('serve --forward --proxy-protocol names the real client to the target', () => {
