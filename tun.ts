@@ -42,6 +42,8 @@ import { asVpnError, VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { type Mode, modeName } from './server.ts';
 import { escapeText, type Json, type Session } from './session.ts';
+import { type Checked, checkVnet, completeChecksum, GSO_NONE, GSO_TCPV4, readVnetHdr, segment, VNET_HDR_LEN, writeVnetHdr } from './offload.ts';
+import { MAX_PAYLOAD } from './channel.ts';
 import { hostNetworks, type HostNetworks, ipv4Dst, ipv4Src, ipv6Dst, ipv6Src, isIPv4, isIPv6, packetLength, removeStalePins, TunDevice } from './tundevice.ts';
 
 // ---- MTU: one inner packet should fit one outer TCP segment on a 1500-byte path ----
@@ -267,6 +269,15 @@ export interface RoutePeer {
   readonly queued: number;
 }
 
+/** A packet that came with a virtio_net_hdr (offloads, §8.5): its checked header and the whole of it, header first. */
+export interface Offloaded {
+  c: Checked;
+  frame: Uint8Array;
+}
+
+/** How a packet goes to a peer: `o` when it came with a header (see carry). */
+export type PeerOut = (peer: RoutePeer, p: Uint8Array, o: Offloaded | null) => void;
+
 /**
  * Routes IPv4 and IPv6 packets between the server's interface and its clients by destination address, each family
  * by its own pool and table; counts drops. A packet of a family the tunnel does not carry is dropped as such.
@@ -278,9 +289,14 @@ export class TunRouter {
   private readonly clients6 = new Map<bigint, RoutePeer>();
 
   /** `pools`: an IPv4 pool alone (an IPv4-only tunnel), or one pool per family. */
+  /**
+   * `iface` takes what goes to the server's kernel (with its header when it came with one); `out` (default: one
+   * record per packet) carries a packet to a client.
+   */
   constructor(
     pools: AddressPool | TunPools,
-    private readonly iface: { write(p: Uint8Array): boolean },
+    private readonly iface: { write(p: Uint8Array, o?: Offloaded | null): boolean },
+    private readonly out: PeerOut = (peer, p) => void peer.writeRecord(p),
   ) {
     this.pools = pools instanceof AddressPool ? { v4: pools, v6: null } : pools;
   }
@@ -312,23 +328,26 @@ export class TunRouter {
   }
 
   /** A packet the server's kernel sent into the interface (trusted: only its destination matters). */
-  fromInterface(p: Uint8Array): void {
+  fromInterface(p: Uint8Array, o: Offloaded | null = null): void {
     if (isIPv4(p) && this.pools.v4) {
       const dst = ipv4Dst(p);
       const peer = this.clients4.get(dst);
-      if (peer) this.toPeer(peer, p);
+      if (peer) this.toPeer(peer, p, o);
       else this.dropUnknown(formatIPv4(dst), 'the server');
     } else if (isIPv6(p) && this.pools.v6) {
       const dst = ipv6Dst(p);
       const peer = this.clients6.get(dst);
-      if (peer) this.toPeer(peer, p);
+      if (peer) this.toPeer(peer, p, o);
       else this.dropUnknown(formatIPv6(dst), 'the server');
     } else if (isIPv4(p) || isIPv6(p)) this.stats.otherFamily++;
     else this.stats.malformed++;
   }
 
-  /** A packet from the client that holds `from`: only its own source address of the packet's family gets through. */
-  fromClient(from: TunAddrs, p: Uint8Array): void {
+  /**
+   * A packet from the client that holds `from`: only its own source address of the packet's family gets through.
+   * A super-segment (`o`) has one IP header for all its segments, so the checks below hold for each of them.
+   */
+  fromClient(from: TunAddrs, p: Uint8Array, o: Offloaded | null = null): void {
     this.stats.fromClients++;
     if (!(isIPv4(p) || isIPv6(p)) || packetLength(p) !== p.length) {
       this.stats.malformed++;
@@ -344,7 +363,7 @@ export class TunRouter {
       if (src !== from.v4) return this.dropSpoofed(formatIPv4(from.v4), formatIPv4(src));
       const dst = ipv4Dst(p);
       const peer = this.clients4.get(dst);
-      if (peer) return this.toPeer(peer, p);
+      if (peer) return this.toPeer(peer, p, o);
       const multicastOrBroadcast = dst >>> 28 === 0xe || dst === 0xffffffff || dst === pool.broadcast;
       if (multicastOrBroadcast || (pool.contains(dst) && dst !== pool.server)) return this.dropUnknown(formatIPv4(dst), formatIPv4(src));
     } else {
@@ -357,20 +376,20 @@ export class TunRouter {
       if (src !== from.v6) return this.dropSpoofed(formatIPv6(from.v6), formatIPv6(src));
       const dst = ipv6Dst(p);
       const peer = this.clients6.get(dst);
-      if (peer) return this.toPeer(peer, p);
+      if (peer) return this.toPeer(peer, p, o);
       // No multicast crosses this router (no NDP or MLD on a point-to-point TUN link), and no link-local address.
       if (isMulticast6(dst) || isLinkLocal6(dst) || (pool.contains(dst) && dst !== pool.server)) return this.dropUnknown(formatIPv6(dst), formatIPv6(src));
     }
     // The server's own address, or beyond the subnet: the server's kernel delivers or forwards it.
-    if (this.iface.write(p)) this.stats.toInterface++;
+    if (this.iface.write(p, o)) this.stats.toInterface++;
   }
 
-  private toPeer(peer: RoutePeer, p: Uint8Array): void {
+  private toPeer(peer: RoutePeer, p: Uint8Array, o: Offloaded | null): void {
     if (peer.queued > MAX_PEER_QUEUE) {
       this.stats.queueFull++;
       return;
     }
-    peer.writeRecord(p);
+    this.out(peer, p, o);
     this.stats.toClients++;
   }
 
@@ -389,6 +408,100 @@ export class TunRouter {
     return `${s.fromClients} packets from clients, ${s.toClients} to clients, ${s.toInterface} to the interface; dropped: ${s.unknown} unknown destination, ${s.spoofed} spoofed source, ${s.queueFull} queue full, ${s.malformed} malformed, ${s.otherFamily} of a family the tunnel does not carry`;
   }
 }
+
+
+// ---- offloads (§8.5): a virtio_net_hdr and a super-segment per record, when both ends can ----
+
+/** What a side names in its CONFIG's `offload`: the header on every record (`csum`) and the GSO kinds it takes. */
+export const OFFLOAD_NAMES = ['csum', 'tso4', 'tso6'];
+/** What the peer takes, when both CONFIGs hold `csum` (records carry headers both ways); null: plain records. */
+export interface PeerOffload {
+  tso4: boolean;
+  tso6: boolean;
+}
+
+/** Whether this process asks its kernel for offloads: yes unless VPN_TUN_OFFLOAD=off (tests, benchmarks, trouble). */
+export function offloadWanted(env: Record<string, string | undefined> = process.env): boolean {
+  return env.VPN_TUN_OFFLOAD !== 'off' && env.VPN_TUN_OFFLOAD !== '0';
+}
+
+/**
+ * Read a CONFIG's `offload` field (§8.5). Absent or null: none. Throws an Error naming the field when it is not a
+ * list of at most 8 strings. Returns what the peer takes, or null when the list lacks `csum` (plain records).
+ */
+export function readOffload(v: unknown): PeerOffload | null {
+  if (v === undefined || v === null) return null;
+  if (!Array.isArray(v) || v.length > 8 || v.some((x) => typeof x !== 'string')) throw new Error('offload must be a list of at most 8 strings');
+  if (!v.includes('csum')) return null;
+  return { tso4: v.includes('tso4'), tso6: v.includes('tso6') };
+}
+
+/**
+ * A record from a peer that sends headers, or a read from an offload device: the packet and its checked header, or
+ * why it is dropped. From a peer (`mtu` given), every segment of a super-segment must fit the tunnel's MTU.
+ */
+export function unwrapVnet(rec: Uint8Array, mtu = 65535): { p: Uint8Array; o: Offloaded } | string {
+  if (rec.length < VNET_HDR_LEN + 20) return 'too short for a header and a packet';
+  const p = rec.subarray(VNET_HDR_LEN);
+  const c = checkVnet(readVnetHdr(rec, 0), p, 65535);
+  if (typeof c === 'string') return c;
+  if (c.hdr.gsoType !== GSO_NONE && c.hdr.hdrLen + c.hdr.gsoSize > mtu) return `segments of ${c.hdr.hdrLen + c.hdr.gsoSize} bytes exceed the MTU ${mtu}`;
+  return { p, o: { c, frame: rec } };
+}
+
+/**
+ * Carry packet `p` to `peer`: as it is to a peer without headers (a super-segment cut into packets with complete
+ * checksums, a pending checksum completed); with a header to one with them (a super-segment of a kind it does not
+ * take cut into packets, one too long for a record cut into shorter super-segments).
+ */
+export function carry(peer: RoutePeer, caps: PeerOffload | null, p: Uint8Array, o: Offloaded | null): void {
+  if (!o) {
+    if (!caps) peer.writeRecord(p);
+    else {
+      const r = new Uint8Array(VNET_HDR_LEN + p.length); // a zero header: nothing pending
+      r.set(p, VNET_HDR_LEN);
+      peer.writeRecord(r);
+    }
+    return;
+  }
+  const { c, frame } = o;
+  const gso = c.hdr.gsoType !== GSO_NONE;
+  if (caps) {
+    const takes = !gso || (c.hdr.gsoType === GSO_TCPV4 ? caps.tso4 : caps.tso6);
+    if (takes && frame.length <= MAX_PAYLOAD) {
+      writeVnetHdr(frame, 0, c.hdr);
+      peer.writeRecord(frame);
+      return;
+    }
+    const step = takes ? Math.max(1, Math.floor((MAX_PAYLOAD - VNET_HDR_LEN - c.hdr.hdrLen) / c.hdr.gsoSize)) * c.hdr.gsoSize : c.hdr.gsoSize;
+    segment(p, c, step, false, (buf, h) => (writeVnetHdr(buf, 0, h), peer.writeRecord(buf)), VNET_HDR_LEN);
+    return;
+  }
+  if (gso) segment(p, c, c.hdr.gsoSize, true, (q) => peer.writeRecord(q));
+  else {
+    completeChecksum(p, c);
+    peer.writeRecord(p);
+  }
+}
+
+/** Write `p` into the device: with its header when it has one and the device takes them, else as plain packets. */
+function toDevice(dev: TunDevice, p: Uint8Array, o: Offloaded | null): boolean {
+  if (!o) return dev.writePlain(p);
+  if (dev.vnet) {
+    writeVnetHdr(o.frame, 0, o.c.hdr);
+    return dev.write(o.frame);
+  }
+  if (o.c.hdr.gsoType === GSO_NONE) {
+    completeChecksum(p, o.c);
+    return dev.write(p);
+  }
+  let ok = true;
+  segment(p, o.c, o.c.hdr.gsoSize, true, (q) => (ok = dev.write(q) && ok));
+  return ok;
+}
+
+/** The `offload` field this side sends: what its device does (nothing without offloads). */
+const offloadField = (dev: TunDevice): Json => (dev.vnet ? { offload: OFFLOAD_NAMES } : {});
 
 // ---- the client's inbound filter ----
 
@@ -593,7 +706,7 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
   if (!pools.v4 && !pools.v6) throw new VpnError('USAGE', 'serve --tun needs an IPv4 or IPv6 prefix');
   const offer: TunOffer = { mtu: o.mtu, routes: o.routes, routes6: o.routes6 };
   const own: Prefix[] = [o.address, o.address6].filter((x) => x !== null);
-  const dev = TunDevice.create(o.name);
+  const dev = TunDevice.create(o.name, offloadWanted());
   const onExit = () => dev.close();
   process.on('exit', onExit);
   try {
@@ -602,10 +715,21 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
     dev.close();
     throw e;
   }
-  const router = new TunRouter(pools, dev);
-  dev.start((p) => router.fromInterface(p));
+  /** what each client takes when both CONFIGs named offloads (records carry headers both ways) */
+  const caps = new Map<RoutePeer, PeerOffload>();
+  let badOffload = 0;
+  const router = new TunRouter(pools, { write: (p, x) => toDevice(dev, p, x ?? null) }, (peer, p, x) => carry(peer, caps.get(peer) ?? null, p, x));
+  dev.start((f) => {
+    if (!dev.vnet) return router.fromInterface(f);
+    const u = unwrapVnet(f);
+    if (typeof u === 'string') {
+      badOffload++;
+      return;
+    }
+    router.fromInterface(u.p, u.o);
+  });
   const routes = [...o.routes, ...o.routes6].map(formatPrefix);
-  log.info(`tun ${dev.name} up: ${own.map(formatPrefix).join(' ')}, mtu ${o.mtu}${routes.length ? `, pushing routes ${routes.join(' ')}` : ''}`);
+  log.info(`tun ${dev.name} up: ${own.map(formatPrefix).join(' ')}, mtu ${o.mtu}${routes.length ? `, pushing routes ${routes.join(' ')}` : ''}${dev.vnet ? ', offloads on' : ''}`);
   const addrs = new Map<Session, TunAddrs>();
 
   const release = (a: TunAddrs, s: Session) => {
@@ -622,6 +746,12 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
   const mode: Mode = {
     onShutdown: 'close', // packets are no stream to cut: tell every client we are going
     config: (peer: Json, session: Session): Json | VpnError => {
+      let takes: PeerOffload | null;
+      try {
+        takes = readOffload(peer.offload);
+      } catch (e) {
+        return new VpnError('USAGE', (e as Error).message);
+      }
       const name = session.clientName;
       if (o.bindings && name !== null && peer.mode === 'tun') {
         const holder = (a: number | bigint) => [...addrs].find(([, x]) => x.v4 === a || x.v6 === a)?.[0];
@@ -632,7 +762,8 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
       const r = answerTunClient(peer, pools, offer);
       if (r instanceof VpnError) return r;
       addrs.set(session, r.addrs);
-      return r.answer;
+      if (dev.vnet && takes) caps.set(session, takes);
+      return { ...r.answer, ...offloadField(dev) };
     },
     describe: (s) => `client ${s.clientName === null ? s.peer : `${s.clientName} ${s.peer}`} is ${addrsText(addrs.get(s)!)} (protocol v${s.version})`,
     app: (session) => ({
@@ -641,9 +772,19 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
         if (a.v4 !== null) router.attach(a.v4, s);
         if (a.v6 !== null) router.attach(a.v6, s);
       },
-      onData: (p) => router.fromClient(addrs.get(session)!, p),
+      onData: (rec) => {
+        if (!caps.has(session)) return router.fromClient(addrs.get(session)!, rec);
+        const u = unwrapVnet(rec, o.mtu);
+        if (typeof u === 'string') {
+          badOffload++;
+          log.limited('warn', `vnet|${session.peer}`, `dropped a packet from client ${session.clientName ?? session.peer} with a bad offload header: ${u}`);
+          return;
+        }
+        router.fromClient(addrs.get(session)!, u.p, u.o);
+      },
       onPeerClose: () => session.close(),
       onEnd: (err) => {
+        caps.delete(session);
         const a = addrs.get(session);
         if (a === undefined) return;
         addrs.delete(session);
@@ -662,7 +803,7 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
     close: () => {
       dev.close();
       process.off('exit', onExit);
-      log.info(`tun stats: ${router.summary()}; ${dev.stats.read} read from ${dev.name}, ${dev.stats.written} written, ${dev.stats.malformed} malformed reads`);
+      log.info(`tun stats: ${router.summary()}; ${dev.stats.read} read from ${dev.name}, ${dev.stats.written} written, ${dev.stats.malformed} malformed reads, ${badOffload} bad offload headers`);
     },
   };
 }
@@ -690,6 +831,8 @@ export interface TunAnswer {
   v4: { address: Cidr; server: number; routes: Cidr[] } | null;
   v6: { address: Cidr6; server: bigint; routes: Cidr6[] } | null;
   mtu: number;
+  /** what the server takes in records with headers (its `offload`), null: plain records */
+  offload: PeerOffload | null;
 }
 
 /** The network of `c` (host bits cleared). */
@@ -848,7 +991,7 @@ export function readTunAnswer(peer: Json, asked6: boolean): TunAnswer {
       };
       v6 = { address, server, routes: routeList(peer.routes6, 'routes6', route6) };
     }
-    return { v4, v6, mtu };
+    return { v4, v6, mtu, offload: readOffload(peer.offload) };
   } catch (e) {
     throw new VpnError('USAGE', `the server sent a TUN configuration this client cannot use (${escapeText((e as Error).message)})`);
   }
@@ -864,9 +1007,13 @@ export function readTunAnswer(peer: Json, asked6: boolean): TunAnswer {
 export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void } {
   // A client killed with SIGKILL cannot remove the host route it pinned to its server: the next one does.
   for (const r of removeStalePins()) log.info(`removed the host route ${r} that a vpn client killed before it could remove it had left behind`);
-  const dev = TunDevice.create(o.name);
+  const dev = TunDevice.create(o.name, offloadWanted());
   const onExit = () => dev.close();
   process.on('exit', onExit);
+  /** what the server takes when both CONFIGs named offloads (records carry headers both ways), else null */
+  let caps: PeerOffload | null = null;
+  let mtuNow = o.mtu ?? DEFAULT_MTU;
+  let badOffload = 0;
   // What the next CONFIG asks for: the user's request first; after a session, the addresses it got, so that a
   // reconnect (server.ts connectOne with `reconnect`) gets the same ones back from a server that kept them.
   let request = o.request ? (o.request.prefix === -1 ? formatIPv4(o.request.addr) : formatCidr(o.request)) : null;
@@ -892,11 +1039,22 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
   };
   let carries4 = false;
   let carries6 = false;
-  const toTunnel = (p: Uint8Array) => {
+  const toTunnel = (f: Uint8Array) => {
     const sess = current;
     if (!sess || !sess.sending) {
       offline++;
       return;
+    }
+    let p = f;
+    let x: Offloaded | null = null;
+    if (dev.vnet) {
+      const u = unwrapVnet(f);
+      if (typeof u === 'string') {
+        badOffload++;
+        return;
+      }
+      p = u.p;
+      x = u.o;
     }
     if (isIPv4(p) ? !carries4 : isIPv6(p) ? !carries6 : true) {
       otherFamily++;
@@ -906,11 +1064,11 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
       dropped++;
       return;
     }
-    sess.writeRecord(p);
+    carry(sess, caps, p, x);
   };
   const mode: Mode = {
     onShutdown: 'close',
-    config: () => ({ mode: 'tun', request, ...(request6 ? { request6 } : {}), families }),
+    config: () => ({ mode: 'tun', request, ...(request6 ? { request6 } : {}), families, ...offloadField(dev) }),
     accept: (answer) =>
       answer.mode === 'tun' ? null : new VpnError('USAGE', `the server is not in TUN mode (it answered ${modeName(answer.mode)}); start it with serve --tun ADDR/PREFIX`),
     app: (session, link) => ({
@@ -973,6 +1131,8 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
           }
           carries4 = a.v4 !== null;
           carries6 = a.v6 !== null;
+          caps = dev.vnet ? a.offload : null;
+          mtuNow = mtu;
           if (a.v4) request = formatCidr(a.v4.address);
           if (a.v6) request6 = formatCidr6(a.v6.address);
           current = sess;
@@ -981,12 +1141,24 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
           const servers = [a.v4 && formatIPv4(a.v4.server), a.v6 && formatIPv6(a.v6.server)].filter(Boolean).join(' ');
           const via = routes.length ? `, routes ${routes.map(formatPrefix).join(' ')}` : '';
           log.info(`tunnel ${again ? 'back ' : ''}up: ${dev.name} ${addresses}, server ${servers}, mtu ${mtu}${via} (protocol v${sess.version})`);
+          if (caps) log.info(`offloads on: records carry super-segments (the server takes ${[caps.tso4 && 'TSO4', caps.tso6 && 'TSO6'].filter(Boolean).join(' and ') || 'checksum offload only'})`);
         } catch (e) {
           sess.refuse(asVpnError(e, 'USAGE'));
         }
       },
-      onData: (p) => {
-        if (filter?.check(p)) dev.write(p);
+      onData: (rec) => {
+        if (!caps) {
+          if (filter?.check(rec)) dev.writePlain(rec);
+          return;
+        }
+        const u = unwrapVnet(rec, mtuNow);
+        if (typeof u === 'string') {
+          badOffload++;
+          log.limited('warn', 'vnet|server', `dropped a packet from the server with a bad offload header: ${u}`);
+          return;
+        }
+        // One IP header for every segment: the filter's verdict holds for each.
+        if (filter?.check(u.p)) toDevice(dev, u.p, u.o);
       },
       onPeerClose: () => session.close(),
       onEnd: () => {
@@ -1000,9 +1172,9 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
       dev.close();
       process.off('exit', onExit);
       const f = filter?.stats;
-      if (dev.stats.read + dev.stats.written > 0 || (f && f.malformed + f.otherFamily + f.notForUs + f.badSource > 0)) {
+      if (dev.stats.read + dev.stats.written > 0 || badOffload > 0 || (f && f.malformed + f.otherFamily + f.notForUs + f.badSource > 0)) {
         const inbound = filter ? filter.summary() : 'none';
-        log.info(`tun stats: ${dev.stats.read} packets read from ${dev.name}, ${dev.stats.written} written; dropped outbound: ${dropped} queue full, ${otherFamily} of a family the tunnel does not carry, ${offline} while reconnecting; dropped inbound: ${inbound}; ${dev.stats.writeErrors} refused by the kernel, ${dev.stats.malformed} malformed reads`);
+        log.info(`tun stats: ${dev.stats.read} packets read from ${dev.name}, ${dev.stats.written} written; dropped outbound: ${dropped} queue full, ${otherFamily} of a family the tunnel does not carry, ${offline} while reconnecting; dropped inbound: ${inbound}; ${dev.stats.writeErrors} refused by the kernel, ${dev.stats.malformed} malformed reads, ${badOffload} bad offload headers`);
       }
     },
   };

@@ -4,22 +4,39 @@
  * addresses, MTU, links and routes, the preflight checks that say what a host lacks, and the IP header fields the
  * device and the router read.
  *
- * Reading the TUN fd: it is opened O_NONBLOCK and read through `Bun.file(fd).stream()`, which polls it on Bun's event
- * loop (epoll) and never blocks it. One chunk may hold several packets (Bun reads until EAGAIN into one buffer, with
- * at least 16 KiB free for each read(2), so with MTU ≤ MAX_MTU no packet is ever cut); IP's own length fields split
- * them again. Writes are one packet per write(2).
+ * Reading the TUN fd, plain (no offloads): it is opened O_NONBLOCK and read through `Bun.file(fd).stream()`, which
+ * polls it on Bun's event loop (epoll) and never blocks it. One chunk may hold several packets (Bun reads until EAGAIN
+ * into one buffer, with at least 16 KiB free for each read(2), so with MTU ≤ MAX_MTU no packet is ever cut); IP's own
+ * length fields split them again. Writes are one packet per write(2).
+ *
+ * With offloads (IFF_VNET_HDR + TUNSETOFFLOAD CSUM|TSO4|TSO6, offload.ts): every read(2) and write(2) is a 10-byte
+ * virtio_net_hdr and one packet of up to 64 KiB (a TCP super-segment). Bun's reader could cut such a packet (it
+ * leaves only "more than 16 KiB" free per read, and a TUN read into a short buffer loses the rest), so this path
+ * reads with read(2) through bun:ffi into one 64 KiB + header buffer, a packet per call, until EAGAIN (at most
+ * READ_BATCH per turn of the event loop). Readiness comes from a small worker thread blocked in poll(2) on the fd:
+ * it posts one message when the fd is readable and waits (Atomics) until the main thread has drained it.
  */
 import { closeSync, existsSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
 import { formatPrefix, isCidr6, parsePrefix, type Prefix } from './address.ts';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
+import { corked } from './net.ts';
+import { VNET_HDR_LEN } from './offload.ts';
 
 // ---- Linux ABI (linux/if_tun.h, linux/if.h, linux/capability.h) ----
 const TUN_PATH = '/dev/net/tun';
 /** _IOW('T', 202, int) */
 const TUNSETIFF = 0x400454ca;
+/** _IOW('T', 208, unsigned int) */
+const TUNSETOFFLOAD = 0x400454d0;
 const IFF_TUN = 0x0001;
 const IFF_NO_PI = 0x1000;
+const IFF_VNET_HDR = 0x4000;
+const TUN_F_CSUM = 0x01;
+const TUN_F_TSO4 = 0x02;
+const TUN_F_TSO6 = 0x04;
+const EAGAIN = 11;
+const POLLIN = 1;
 const IFNAMSIZ = 16;
 /** sizeof(struct ifreq): the name, then a 24-byte union whose first member is `short ifr_flags` */
 const IFREQ_LEN = IFNAMSIZ + 24;
@@ -33,6 +50,14 @@ const EINVAL = 22;
 export const DEFAULT_NAME = 'vpn%d';
 /** `ip` answers in milliseconds; a hung one must not hang the VPN. */
 const IP_TIMEOUT_MS = 10_000;
+/** Offload reads: one packet of at most 64 KiB (IPv6: 40 + 65535) behind its header fits this buffer. */
+const VNET_READ_BUF = VNET_HDR_LEN + 40 + 65535;
+/** Offload reads per turn of the event loop before socket events get their turn. */
+const READ_BATCH = 64;
+/** The poller thread wakes this often to see whether the device was closed. */
+const POLL_MS = 250;
+/** The largest packet the kernel should hand us with offloads: with its header, one record's 65536 bytes. */
+export const MAX_SUPER_SEGMENT = 65536 - VNET_HDR_LEN;
 
 // ---- IP packets ----
 
@@ -229,7 +254,8 @@ function loadLibc() {
   // Loaded on first use only, so that importing this module works on every platform.
   const { dlopen, FFIType } = require('bun:ffi') as typeof import('bun:ffi');
   return dlopen('libc.so.6', {
-    ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.ptr], returns: FFIType.i32 },
+    ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.u64], returns: FFIType.i32 },
+    read: { args: [FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64 },
     __errno_location: { args: [], returns: FFIType.ptr },
   });
 }
@@ -256,13 +282,35 @@ export class TunDevice {
   private pinned: string[][] = [];
   readonly stats = { read: 0, written: 0, writeErrors: 0, malformed: 0 };
 
+  private poller: Worker | null = null;
+  /** plain writes with offloads on get a zero header in front of them here */
+  private scratch: Uint8Array | null = null;
+
   private constructor(
     readonly fd: number,
     readonly name: string,
+    /** whether every read and write carries a virtio_net_hdr (offloads on) */
+    readonly vnet: boolean,
   ) {}
 
-  /** Create the interface (name pattern like `vpn%d`). Throws USAGE with the reason when the kernel refuses. */
-  static create(pattern = DEFAULT_NAME): TunDevice {
+  /**
+   * Create the interface (name pattern like `vpn%d`); with `offload`, ask for IFF_VNET_HDR and the checksum and TSO
+   * offloads, and fall back to a plain device when the kernel refuses either (`vnet` says which it is). Throws USAGE
+   * with the reason when the kernel refuses the device itself.
+   */
+  static create(pattern = DEFAULT_NAME, offload = false): TunDevice {
+    if (offload) {
+      try {
+        return TunDevice.open(pattern, true);
+      } catch (e) {
+        if (!(e instanceof VpnError) || !/offload/.test(e.message)) throw e;
+        log.info(`vpn: TUN offloads unavailable (${e.message}); carrying one packet per read and write`);
+      }
+    }
+    return TunDevice.open(pattern, false);
+  }
+
+  private static open(pattern: string, vnet: boolean): TunDevice {
     let fd: number;
     try {
       fd = openSync(TUN_PATH, fsc.O_RDWR | fsc.O_NONBLOCK | O_CLOEXEC);
@@ -275,17 +323,23 @@ export class TunDevice {
     const { ptr } = require('bun:ffi') as typeof import('bun:ffi');
     const ifr = new Uint8Array(IFREQ_LEN);
     ifr.set(new TextEncoder().encode(pattern));
-    new DataView(ifr.buffer).setUint16(IFNAMSIZ, IFF_TUN | IFF_NO_PI, true);
+    new DataView(ifr.buffer).setUint16(IFNAMSIZ, IFF_TUN | IFF_NO_PI | (vnet ? IFF_VNET_HDR : 0), true);
     if (libc.symbols.ioctl(fd, TUNSETIFF, ptr(ifr)) < 0) {
       const err = errno();
       closeSync(fd);
       if (err === EPERM) throw new VpnError('USAGE', 'creating a TUN interface was refused (EPERM): --tun needs root or CAP_NET_ADMIN');
       if (err === EBUSY) throw new VpnError('USAGE', `--tun-name ${pattern}: an interface of that name exists already`);
       if (err === EINVAL) throw new VpnError('USAGE', `--tun-name ${pattern}: the kernel refused that name`);
+      if (vnet) throw new VpnError('USAGE', `IFF_VNET_HDR refused (errno ${err}): no offload`);
       throw new VpnError('USAGE', `creating a TUN interface failed (errno ${err})`);
     }
+    if (vnet && libc.symbols.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) < 0) {
+      const err = errno();
+      closeSync(fd);
+      throw new VpnError('USAGE', `TUNSETOFFLOAD refused (errno ${err}): no offload`);
+    }
     const end = ifr.indexOf(0);
-    return new TunDevice(fd, new TextDecoder().decode(ifr.subarray(0, end < 0 || end > IFNAMSIZ ? IFNAMSIZ : end)));
+    return new TunDevice(fd, new TextDecoder().decode(ifr.subarray(0, end < 0 || end > IFNAMSIZ ? IFNAMSIZ : end)), vnet);
   }
 
   /**
@@ -304,6 +358,15 @@ export class TunDevice {
       if (has6) throw new VpnError('USAGE', `IPv6 is not available on ${this.name} (${(e as Error).message}); enable IPv6 on this host (sysctl net.ipv6.conf.all.disable_ipv6=0) or leave the IPv6 prefix out of --tun`);
     }
     ip(['link', 'set', 'dev', this.name, 'mtu', String(mtu)]);
+    if (this.vnet) {
+      // A super-segment and its header should fit one record (65536 bytes); where the kernel does not let us say
+      // so, tun.ts splits the rare larger one.
+      try {
+        ip(['link', 'set', 'dev', this.name, 'gso_max_size', String(MAX_SUPER_SEGMENT)]);
+      } catch {
+        // older kernel or iproute2
+      }
+    }
     for (const a of addresses) {
       if (isCidr6(a)) ip(['-6', 'addr', 'add', formatPrefix(a), 'dev', this.name, 'nodad']);
       else ip(['-4', 'addr', 'add', formatPrefix(a), 'dev', this.name]);
@@ -401,9 +464,14 @@ export class TunDevice {
     }
   }
 
-  /** Start reading packets; `onPacket` gets each one (a view valid only during the call). */
+  /**
+   * Start reading packets; `onPacket` gets each one (a view valid only during the call): a bare IP packet, or with
+   * offloads (`vnet`) its virtio_net_hdr and the packet. Every batch read at one wake-up runs inside `corked`, so
+   * the records it makes leave as one socket write per peer.
+   */
   start(onPacket: (p: Uint8Array) => void): void {
-    if (this.reader || this.closed) return;
+    if (this.reader || this.poller || this.closed) return;
+    if (this.vnet) return this.startVnet(onPacket);
     const reader = Bun.file(this.fd).stream().getReader() as ReadableStreamDefaultReader<Uint8Array>;
     this.reader = reader;
     const each = (p: Uint8Array) => {
@@ -415,7 +483,8 @@ export class TunDevice {
         for (;;) {
           const { value, done } = await reader.read();
           if (done || this.closed) return;
-          if (splitPackets(value, each) > 0) this.stats.malformed++;
+          // One chunk holds every packet one wake-up read: their records leave as one socket write per peer.
+          if (corked(() => splitPackets(value, each)) > 0) this.stats.malformed++;
         }
       } catch (e) {
         if (!this.closed) log.error(`vpn: reading ${this.name} failed: ${(e as Error).message}`);
@@ -423,7 +492,50 @@ export class TunDevice {
     })();
   }
 
-  /** Inject one packet into the kernel (one write(2)); false if it was refused. */
+  private startVnet(onPacket: (p: Uint8Array) => void): void {
+    const { ptr, read } = require('bun:ffi') as typeof import('bun:ffi');
+    const buf = new Uint8Array(VNET_READ_BUF);
+    const at = ptr(buf);
+    /** [0]: 1 while the main thread drains (the poller waits), [1]: 1 when closed */
+    const state = new Int32Array(new SharedArrayBuffer(8));
+    const drain = () => {
+      if (this.closed) return;
+      let more = false;
+      corked(() => {
+        for (let i = 0; i < READ_BATCH; i++) {
+          const n = Number(libc!.symbols.read(this.fd, at, VNET_READ_BUF));
+          if (n < 0) {
+            const e = read.i32(libc!.symbols.__errno_location()!, 0);
+            if (e !== EAGAIN && !this.closed) log.limited('error', `tunread|${this.name}`, `vpn: reading ${this.name} failed (errno ${e})`);
+            return;
+          }
+          if (n < VNET_HDR_LEN + 20 || n > VNET_READ_BUF) {
+            this.stats.malformed++;
+            continue;
+          }
+          this.stats.read++;
+          onPacket(buf.subarray(0, n));
+          if (this.closed) return;
+        }
+        more = true;
+      });
+      if (more) setImmediate(drain);
+      else {
+        Atomics.store(state, 0, 0);
+        Atomics.notify(state, 0);
+      }
+    };
+    const w = new Worker(URL.createObjectURL(new Blob([POLLER_SOURCE], { type: 'application/javascript' })));
+    w.onmessage = drain;
+    w.postMessage({ fd: this.fd, state: state.buffer, ms: POLL_MS });
+    w.unref();
+    this.poller = w;
+    this.pollerState = state;
+  }
+
+  private pollerState: Int32Array | null = null;
+
+  /** Inject one packet into the kernel (one write(2)); with offloads, `p` starts with its virtio_net_hdr. False if it was refused. */
   write(p: Uint8Array): boolean {
     if (this.closed) return false;
     try {
@@ -434,6 +546,19 @@ export class TunDevice {
       this.stats.writeErrors++;
       return false;
     }
+  }
+
+  /** Inject a bare packet (no pending checksum, no GSO): with offloads, behind a zero header. */
+  writePlain(p: Uint8Array): boolean {
+    if (!this.vnet) return this.write(p);
+    if (p.length > VNET_READ_BUF - VNET_HDR_LEN) {
+      this.stats.writeErrors++;
+      return false;
+    }
+    const s = (this.scratch ??= new Uint8Array(VNET_READ_BUF));
+    s.fill(0, 0, VNET_HDR_LEN);
+    s.set(p, VNET_HDR_LEN);
+    return this.write(s.subarray(0, VNET_HDR_LEN + p.length));
   }
 
   /** Remove the pinned routes and close the fd, which removes the interface and its routes. Idempotent. */
@@ -448,6 +573,13 @@ export class TunDevice {
       }
     }
     this.pinned = [];
+    if (this.pollerState) {
+      Atomics.store(this.pollerState, 1, 1);
+      Atomics.store(this.pollerState, 0, 0);
+      Atomics.notify(this.pollerState, 0);
+    }
+    this.poller?.terminate();
+    this.poller = null;
     try {
       void this.reader?.cancel().catch(() => {});
     } catch {
@@ -460,3 +592,27 @@ export class TunDevice {
     }
   }
 }
+
+/**
+ * The poller thread of an offload device: poll(2) the fd (POLLIN, at most `ms` per call so that it sees a close),
+ * post one message when it is readable, then wait until the main thread has read it dry (state[0] back to 0).
+ */
+const POLLER_SOURCE = `
+const { dlopen, FFIType, ptr } = require('bun:ffi');
+const libc = dlopen('libc.so.6', { poll: { args: [FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i32 } });
+self.onmessage = (e) => {
+  const { fd, ms } = e.data;
+  const state = new Int32Array(e.data.state);
+  const pfd = new Int32Array([fd, ${POLLIN}]);
+  for (let i = 0; Atomics.load(state, 1) === 0; i++) {
+    const r = libc.symbols.poll(ptr(pfd), 1, ms);
+    if (Atomics.load(state, 1) !== 0) break;
+    if (r > 0) {
+      if ((pfd[1] >>> 16) & 0x38) break; // POLLERR|POLLHUP|POLLNVAL in revents: the device is gone
+      Atomics.store(state, 0, 1);
+      postMessage(0);
+      while (Atomics.load(state, 0) === 1 && Atomics.load(state, 1) === 0) Atomics.wait(state, 0, 1, ms);
+    }
+  }
+};
+`;
