@@ -404,10 +404,10 @@ describe('metrics', () => {
         return null; // not up yet
       }
     };
-    expect(await until(async () => (await query('up{job="vpn"}')) === '1', 15_000), prom.stderr.slice(-2000)).toBe(true);
+    expect(await until(async () => (await query('up{job="vpn"}')) === '1', 30_000), prom.stderr.slice(-2000)).toBe(true);
     expect(await until(async () => (await query('vpn_bytes_total{job="vpn",direction="in"}')) === '5000', 5000)).toBe(true);
     expect(await query('vpn_sessions_total{job="vpn"}')).toBe('1');
-  });
+  }, 45_000); // Prometheus itself takes a few seconds to start, more on a loaded machine
 
   test('refuses a non-loopback address without --metrics-public, a unix socket, and --workers (exit 2)', async () => {
     const base = ['serve', '--listen', '127.0.0.1:0', '--key', key];
