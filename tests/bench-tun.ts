@@ -158,7 +158,7 @@ export async function tunBench(record: Record_, secs: number, only = process.env
         if (!tools.openvpn) return 'openvpn absent (apt-get install openvpn)';
         const sk = join(dir, 'ovpn.key');
         sh(['openvpn', '--genkey', 'secret', sk]);
-        const common = ['--dev', 'bo0', '--dev-type', 'tun', '--secret', sk, '--cipher', 'AES-256-CBC', '--auth', 'SHA256', '--allow-deprecated-insecure-static-crypto', '--verb', '1', '--tun-mtu', '1371'];
+        const common = ['--dev', 'bo0', '--dev-type', 'tun', '--secret', sk, '--cipher', 'AES-256-CBC', '--auth', 'SHA256', '--verb', '1', '--tun-mtu', '1371'];
         const srv = new Proc(inNetns(spaces.s, ['openvpn', '--proto', 'tcp-server', '--local', SRV_ADDR, '--lport', '41190', '--ifconfig', '10.80.0.1', '10.80.0.2', ...common]));
         await Bun.sleep(500);
         const cli = new Proc(inNetns(spaces.c, ['openvpn', '--proto', 'tcp-client', '--remote', SRV_ADDR, '41190', '--ifconfig', '10.80.0.2', '10.80.0.1', ...common]));
@@ -184,18 +184,21 @@ export async function tunBench(record: Record_, secs: number, only = process.env
         const pids: number[] = [];
         const procs: Proc[] = [];
         for (const [i, where] of [spaces.s, spaces.c].entries()) {
-          // wireguard-go -f stays in the foreground, so that its pid is the one we measure
-          const p = new Proc(inNetns(where, ['env', 'WG_PROCESS_FOREGROUND=1', 'wireguard-go', '-f', 'bw0']));
+          // wireguard-go -f stays in the foreground, so that its pid is the one we measure; each end its own name,
+          // since the UAPI socket (/var/run/wireguard/NAME.sock) is outside the namespaces
+          const dev = i === 0 ? 'bws0' : 'bwc0';
+          const p = new Proc(inNetns(where, ['wireguard-go', '-f', dev]));
           procs.push(p);
           pids.push(p.pid);
-          await waitUntil(() => sh(['ip', '-n', where, 'link', 'show', 'bw0']).ok, 5000);
+          await waitUntil(() => sh(['ip', '-n', where, 'link', 'show', dev]).ok && sh(['wg', 'show', dev]).ok, 5000);
           const peer = keys[1 - i]!;
-          const args = ['wg', 'set', 'bw0', 'private-key', keys[i]!.priv, 'peer', peer.pub, 'allowed-ips', i === 0 ? '10.79.0.2/32' : '10.79.0.1/32'];
+          const args = ['wg', 'set', dev, 'private-key', keys[i]!.priv, 'peer', peer.pub, 'allowed-ips', i === 0 ? '10.79.0.2/32' : '10.79.0.1/32'];
           if (i === 0) args.splice(5, 0, 'listen-port', '41191');
           else args.push('endpoint', `${SRV_ADDR}:41191`);
-          sh(inNetns(where, args));
-          sh(['ip', '-n', where, 'addr', 'add', i === 0 ? '10.79.0.1/24' : '10.79.0.2/24', 'dev', 'bw0']);
-          sh(['ip', '-n', where, 'link', 'set', 'bw0', 'mtu', '1420', 'up']);
+          const set = sh(inNetns(where, args));
+          if (!set.ok) process.stderr.write(`wg set: ${set.err}\n`);
+          sh(['ip', '-n', where, 'addr', 'add', i === 0 ? '10.79.0.1/24' : '10.79.0.2/24', 'dev', dev]);
+          sh(['ip', '-n', where, 'link', 'set', dev, 'mtu', '1420', 'up']);
         }
         const ok = await waitUntil(() => sh(inNetns(spaces.c, ['ping', '-c', '1', '-W', '1', '10.79.0.1'])).ok, 10_000);
         const stop = async () => {
@@ -218,4 +221,29 @@ export async function tunBench(record: Record_, secs: number, only = process.env
 if (import.meta.main) {
   const rec: Record_ = (s, n, v, u, note) => process.stderr.write(`  ${s} ${n.padEnd(40)} ${v === null ? 'absent' : v.toFixed(v < 10 ? 2 : 0).padStart(8)} ${u}${note ? `  (${note})` : ''}\n`);
   await tunBench(rec, Number(process.argv[2] ?? 5));
+}
+
+/**
+ * The TUN section's ratios for the bench's ratio table (issue 17's targets), each on the mean of both directions:
+ * ours against OpenVPN and wireguard-go, against our own forward mode (MiB/s of the tunnel section, when it ran), and
+ * OpenVPN's ping RTT over ours (≥ 1: ours is no slower).
+ */
+export function tunRatios(get: (section: string, name: string) => number | null, add: (name: string, value: number | null, min?: number) => void): void {
+  const both = (label: string) => {
+    const a = get('tun', `${label}: client → server`);
+    const b = get('tun', `${label}: server → client`);
+    return a !== null && b !== null && Number.isFinite(a) && Number.isFinite(b) ? (a + b) / 2 : null;
+  };
+  const div = (a: number | null, b: number | null) => (a !== null && b !== null && b > 0 ? a / b : null);
+  const native = both('ours native');
+  const noble = both('ours noble');
+  const ovpn = both('OpenVPN static key, TCP');
+  const wg = both('wireguard-go');
+  const mbit = (mibps: number | null) => (mibps === null ? null : (mibps * 8 * 1048576) / 1e6);
+  add('TUN native / OpenVPN static key TCP, throughput', div(native, ovpn), 3);
+  add('TUN native / wireguard-go, throughput', div(native, wg), 2);
+  add('TUN noble / OpenVPN static key TCP, throughput', div(noble, ovpn));
+  add('TUN native / forward native (tunnel section)', div(native, mbit(get('tunnel', 'tunnel native'))), 0.8);
+  add('TUN noble / forward noble (tunnel section)', div(noble, mbit(get('tunnel', 'tunnel noble'))), 0.8);
+  add('OpenVPN ping RTT / TUN native ping RTT', div(get('tun', 'OpenVPN static key, TCP: ping RTT, median'), get('tun', 'ours native: ping RTT, median')), 1);
 }

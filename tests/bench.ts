@@ -4,7 +4,7 @@
  *
  *   bun run bench                   512 MiB per throughput figure (BENCH_MIB or --mib N to change)
  *   bun run bench --quick           64 MiB and shorter timed loops
- *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers dos keyring
+ *   bun run bench --only tunnel,raw run some sections: ceiling tunnel spiped raw handshake memory latency workers dos keyring tun
  *   bun run bench --repeat 3        each throughput and ceiling figure is the best of 3 runs (BENCH_REPEAT)
  *   bun run bench --settle 30       before each timed figure wait up to 30 s for idle CPUs (BENCH_SETTLE)
  *
@@ -28,10 +28,15 @@
  *  10. keyring    a key per client (serve --keyring, protocol version 3): the server's CPU per message 1 for the key
  *                 lookup alone (in process, every key tried) with 1, 100, 1000 and 10,000 keys, then handshakes per
  *                 second and server CPU per connection through a `serve --keyring` pair with 1, 100 and 1000 keys.
+ *  11. tun        TUN mode in two network namespaces (tests/bench-tun.ts): iperf3 each way, ping RTT and CPU per side
+ *                 for a raw veth, ours (native, noble), OpenVPN static key over TCP and wireguard-go (installed with
+ *                 apt-get when root, else absent); its ratios are issue 17's targets.
  *
  * Absolute figures move with the machine's load; the ratios (ours/spiped, ours/ceiling) are measured in the same run.
- * Every loop is bounded by a count and a deadline; every child is killed on the way out; everything binds 127.0.0.1.
+ * Every loop is bounded by a count and a deadline; every child is killed on the way out; everything binds 127.0.0.1
+ * (the tun section: addresses inside the namespaces it creates and removes).
  */
+import { tunBench, tunRatios } from './bench-tun.ts';
 import { cbc } from '@noble/ciphers/aes.js';
 import { type _HMAC, hmac } from '@noble/hashes/hmac.js';
 import { sha256 } from '@noble/hashes/sha2.js';
@@ -114,7 +119,7 @@ async function bogusFlood(port: number, ms: number, parallel: number, addresses:
 
 // ---- command line ----
 
-const SECTIONS = ['ceiling', 'tunnel', 'spiped', 'raw', 'handshake', 'memory', 'latency', 'workers', 'dos', 'keyring'] as const;
+const SECTIONS = ['ceiling', 'tunnel', 'spiped', 'raw', 'handshake', 'memory', 'latency', 'workers', 'dos', 'keyring', 'tun'] as const;
 type Section = (typeof SECTIONS)[number];
 
 const { values: argv } = parseArgs({
@@ -1077,6 +1082,7 @@ function computeRatios(): Ratio[] {
   const w1 = get('workers', 'serve --workers 1: 8 tunnels, aggregate');
   const w2 = get('workers', 'serve --workers 2: 8 tunnels, aggregate');
   add('serve --workers 2 / --workers 1, aggregate', div(w2, w1));
+  tunRatios(get, add);
   return out.filter((r) => r.value !== null || r.target !== undefined);
 }
 
@@ -1175,6 +1181,7 @@ try {
   if (run('workers')) await workers(bytes);
   if (run('dos')) await dos();
   if (run('keyring')) await keyringBench();
+  if (run('tun')) await tunBench(record, QUICK ? 3 : 6);
 } finally {
   cleanup();
 }
