@@ -23,6 +23,7 @@ import { VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { type ServerStats, serveMetrics, TYPE_NAMES } from './metrics.ts';
 import { escapeText } from './session.ts';
+import { MAX_WORKERS } from './workers.ts';
 
 // ---- Tuning constants ----
 /** Largest request line. */
@@ -137,6 +138,12 @@ async function answers(path: string): Promise<boolean> {
     (s) => (s.end(), true),
     () => false,
   );
+}
+
+/** The control socket of worker `n` of serve --workers: `PATH-wN.sock` (`PATH.sock` → `PATH-wN.sock`); PATH for 0. */
+export function workerPath(path: string, n: number): string {
+  if (n <= 0) return path;
+  return path.endsWith('.sock') ? `${path.slice(0, -5)}-w${n}.sock` : `${path}-w${n}`;
 }
 
 // ---- the snapshot ----
@@ -361,6 +368,29 @@ export async function queryStatus(path: string): Promise<Record<string, unknown>
   return j;
 }
 
+/**
+ * Ask the server at `path`, or, when nothing is there, the workers of a serve --workers started with that path
+ * (workerPath, numbers 1 up to the first missing one): every answer, in worker order. Throws as queryStatus does
+ * when there is neither.
+ */
+export async function queryAll(path: string): Promise<Record<string, unknown>[]> {
+  try {
+    lstatSync(path);
+  } catch {
+    const workers: string[] = [];
+    for (let n = 1; n <= MAX_WORKERS; n++) {
+      try {
+        lstatSync(workerPath(path, n));
+      } catch {
+        break;
+      }
+      workers.push(workerPath(path, n));
+    }
+    if (workers.length > 0) return await Promise.all(workers.map((w) => queryStatus(w)));
+  }
+  return [await queryStatus(path)];
+}
+
 /** Text from the socket made safe for a terminal: escapeText, and no bidi controls either. */
 function safe(v: unknown, max = 200): string {
   return escapeText(String(v), max).replace(/[\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, '?');
@@ -453,6 +483,8 @@ export function controlUnavailable(path: string, e: unknown): void {
 export interface OpsOptions {
   /** a path; null for none; undefined for defaultControlPath(listen), whose failure only warns */
   control?: string | null;
+  /** serve --workers: this worker's number (its socket is workerPath(PATH, n)); 0 for none */
+  controlWorker?: number;
   metrics?: { host: string; port: number };
 }
 
@@ -474,7 +506,7 @@ export async function startOps(stats: ServerStats, listen: Address, o: OpsOption
       log.info(`metrics on http://${m.address}/metrics`);
     }
     if (o.control !== null) {
-      const path = o.control ?? defaultControlPath(listen);
+      const path = workerPath(o.control ?? defaultControlPath(listen), o.controlWorker ?? 0);
       try {
         const c = await startControl(path, o.control === undefined, stats);
         stats.info.control = c.path;

@@ -414,6 +414,8 @@ export interface ServeOptions {
   beforeExit?: () => Promise<void>;
   /** the control socket for `status` (control.ts): a path, null for none, undefined for the default path */
   control?: string | null;
+  /** serve --workers: this worker's number, which its control socket's name carries (control.ts workerPath) */
+  controlWorker?: number;
   /** serve the counters in the Prometheus format on this address (metrics.ts) */
   metrics?: { host: string; port: number };
   /** every connection opens with a PROXY protocol header from a trusted front (proxy.ts); its address counts */

@@ -18,7 +18,7 @@ import { log } from './log.ts';
 import { CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, type DropPlan, dropPrivileges, planDrop } from './privileges.ts';
 import { REKEY_AFTER_MS } from './rekey.ts';
 import { connectOne, serve, serveLocal } from './server.ts';
-import { defaultControlPath, formatStatus, queryStatus } from './control.ts';
+import { defaultControlPath, formatStatus, queryAll } from './control.ts';
 import { isLoopback } from './metrics.ts';
 import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
@@ -103,7 +103,8 @@ keeps listening; each session's bytes go to stdout and come from stdin.
                          trust: whoever reaches the port directly could claim any address
   --control PATH         the unix socket bun vpn.ts status asks (mode 0600); default
                          /run/vpn/HOST_PORT.sock as root, else $XDG_RUNTIME_DIR/vpn/… or
-                         /tmp/vpn-UID/…; none: no control socket
+                         /tmp/vpn-UID/…; with --workers one per worker, PATH-wN.sock;
+                         none: no control socket
   --metrics HOST:PORT    serve counters on http://HOST:PORT/metrics in the Prometheus text
                          format; loopback addresses only unless --metrics-public
   --max-conns N          sessions at most, in every mode; more are refused at accept
@@ -667,7 +668,7 @@ async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly s
     const target = parseAddress(forward, '--forward');
     const workers = integer('workers', str(f, 'workers'), 1, 1, MAX_WORKERS);
     if (workers > 1 && f.step) throw new VpnError('USAGE', '--workers cannot be used with --step');
-    if (workers > 1) refuse(f, ['control', 'metrics'], (n) => `${n} does not take --workers yet (each worker has counters of its own); run one server per core behind a load balancer (--accept-proxy) instead`);
+    if (workers > 1) refuse(f, ['metrics'], (n) => `${n} does not take --workers yet (each worker has counters of its own, and one port cannot show them all); use bun vpn.ts status, which asks every worker, or run one server per core behind a load balancer (--accept-proxy)`);
     const base = await sessionBase(f, 'server')();
     if (workers > 1) return await superviseWorkers({ workers, listen: listenAddr, keys: base.keys as LongTermKeys, args: rawArgs, graceMs: limits.graceMs }); // no --keyring (sessionBase)
     return await serve(base, { ...limits, reusePort: workerIndex() > 0 }, forwardMode(target, f['proxy-protocol'] === true));
@@ -723,7 +724,7 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
 }
 
 /** `--control`, `--metrics` and `--accept-proxy` of serve, checked (control.ts, metrics.ts, proxy.ts). */
-function opsOptions(f: Flags): { control?: string | null; metrics?: { host: string; port: number }; acceptProxy: boolean } {
+function opsOptions(f: Flags): { control?: string | null; controlWorker: number; metrics?: { host: string; port: number }; acceptProxy: boolean } {
   const m = str(f, 'metrics');
   if (f['metrics-public'] && m === undefined) throw new VpnError('USAGE', '--metrics-public needs --metrics HOST:PORT');
   let metrics: { host: string; port: number } | undefined;
@@ -736,9 +737,8 @@ function opsOptions(f: Flags): { control?: string | null; metrics?: { host: stri
     metrics = { host: a.host, port: a.port };
   }
   const c = str(f, 'control');
-  // A worker of serve --workers has no control socket: the default path would be the same for all of them.
-  const control = workerIndex() > 0 || c === 'none' ? null : c;
-  return { control, metrics, acceptProxy: f['accept-proxy'] === true };
+  // Each worker of serve --workers has a socket of its own, PATH-wN.sock (status asks them all).
+  return { control: c === 'none' ? null : c, controlWorker: workerIndex(), metrics, acceptProxy: f['accept-proxy'] === true };
 }
 
 async function statusCommand(f: Flags, positionals: string[]): Promise<number> {
@@ -746,8 +746,9 @@ async function statusCommand(f: Flags, positionals: string[]): Promise<number> {
   const c = str(f, 'control');
   if (c === 'none') throw new VpnError('USAGE', '--control none turns the control socket off; status needs one');
   const path = c ?? defaultControlPath(parseAddress(str(f, 'listen') ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen'));
-  const answer = await queryStatus(path);
-  process.stdout.write(f.json ? `${JSON.stringify(answer, null, 2)}\n` : formatStatus(answer));
+  const answers = await queryAll(path);
+  if (f.json) process.stdout.write(`${JSON.stringify(answers.length === 1 ? answers[0] : { format: answers[0]!.format, workers: answers }, null, 2)}\n`);
+  else process.stdout.write(answers.map(formatStatus).join('\n'));
   return EXIT_OK;
 }
 

@@ -278,6 +278,31 @@ describe('status', () => {
     expect(r.err).toContain('a file that is not a socket is in the way');
   });
 
+  test('serve --workers 2: each worker has a socket of its own (PATH-wN.sock), and status asks them all', async () => {
+    using target = echoTarget();
+    const control = join(dir.path, 'workers.sock');
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key, '--forward', `127.0.0.1:${target.port}`, '--workers', '2', '--control', control]);
+    const port = await srv.listeningPort();
+    for (let i = 0; i < 6; i++) {
+      const r = await vpnClient(port, random(1000 + i));
+      expect(r.err).toBeNull();
+    }
+    const r = await run(['status', '--control', control, '--json']);
+    expect(r.code, r.err).toBe(0);
+    const j = JSON.parse(r.out);
+    expect(j.workers).toHaveLength(2);
+    expect(j.workers.map((w: any) => w.server.control)).toEqual([join(dir.path, 'workers-w1.sock'), join(dir.path, 'workers-w2.sock')]);
+    expect(new Set(j.workers.map((w: any) => w.server.pid)).size).toBe(2);
+    expect(j.workers.every((w: any) => w.server.listeners[0] === `127.0.0.1:${port}`)).toBe(true);
+    expect(j.workers.reduce((n: number, w: any) => n + w.server.sessions_total, 0)).toBe(6);
+    const human = await run(['status', '--control', control]);
+    expect(human.out.match(/^server: /gm)).toHaveLength(2);
+    srv.kill('SIGTERM');
+    expect(await srv.exit()).toBe(0);
+    expect(() => lstatSync(join(dir.path, 'workers-w1.sock'))).toThrow();
+    expect(() => lstatSync(join(dir.path, 'workers-w2.sock'))).toThrow();
+  });
+
   test('no server there: exit 1 with a sentence naming the socket', async () => {
     const r = await run(['status', '--control', join(dir.path, 'nobody.sock')]);
     expect(r.code).toBe(1);
