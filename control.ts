@@ -1,6 +1,6 @@
 /**
  * `bun vpn.ts status`, like `wg show`: a running server answers over a unix control socket it creates (never TCP),
- * mode 0600 in a directory only its user can enter, so only that user (and root) can ask.
+ * mode 0600 in a directory only its user can write to, so only that user (and root) can ask.
  *
  *   request   one JSON line, at most CONTROL_REQUEST_MAX bytes: {"command":"status"}
  *   response  one JSON line: the snapshot below (statusSnapshot), or {"error": TEXT}; then the server closes
@@ -10,9 +10,10 @@
  * addresses, names and modes — never key material. Peer-supplied text (a CONFIG's mode, a client name) is escaped
  * when printed (formatStatus), never trusted.
  *
- * Where the socket lives by default (controlDir, defaultControlPath): $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=),
- * else /run/vpn when root and /run is writable, else $XDG_RUNTIME_DIR/vpn, else /tmp/vpn-UID; the file is named after the listen address, `127.0.0.1_32694.sock`, so
- * `status` finds the server started with the same --listen without being told.
+ * Where the socket lives by default (controlDir, defaultControlPath): $RUNTIME_DIRECTORY (systemd's
+ * RuntimeDirectory=), else /run/vpn when root and /run is writable, else $XDG_RUNTIME_DIR/vpn, else /tmp/vpn-UID; the
+ * file is named after the listen address, `127.0.0.1_32694.sock`, so `status` finds the server started with the same
+ * --listen without being told. Each worker of `serve --workers` has its own, `…-wN.sock` (workerPath).
  */
 import type { Socket } from 'bun';
 import { createHash } from 'node:crypto';
