@@ -35,6 +35,8 @@ export const CONTROL_CLIENTS = 8;
 export const CONTROL_TIMEOUT_MS = 5000;
 /** Sessions listed in one answer at most (the counts cover all of them); bounds the answer to a few MB. */
 export const STATUS_MAX_SESSIONS = 10_000;
+/** status without --control/--listen: how long each server in the directory gets to answer. */
+const EVERY_TIMEOUT_MS = 2000;
 /** Largest answer the status command reads. */
 const RESPONSE_MAX = 32 << 20;
 /** The snapshot's format; bumped only when a key changes meaning. */
@@ -312,8 +314,8 @@ export async function startControl(path: string, isDefault: boolean, stats: Serv
 
 // ---- the client side: bun vpn.ts status ----
 
-/** Ask the server at `path` for its status; resolves with the parsed answer. Throws NETWORK with a sentence. */
-export async function queryStatus(path: string): Promise<Record<string, unknown>> {
+/** Ask the server at `path` for its status within `ms`; resolves with the parsed answer. Throws NETWORK with a sentence. */
+export async function queryStatus(path: string, ms = CONTROL_TIMEOUT_MS + 1000): Promise<Record<string, unknown>> {
   const chunks: Uint8Array[] = [];
   let size = 0;
   const done = Promise.withResolvers<void>();
@@ -351,9 +353,9 @@ export async function queryStatus(path: string): Promise<Record<string, unknown>
     throw new VpnError('NETWORK', `status: cannot connect to the control socket ${path}: ${why}`);
   }
   const timer = setTimeout(() => {
-    failure = `no answer within ${CONTROL_TIMEOUT_MS / 1000} s`;
+    failure = `no answer within ${ms / 1000} s`;
     done.resolve();
-  }, CONTROL_TIMEOUT_MS + 1000);
+  }, ms);
   await done.promise;
   clearTimeout(timer);
   if (failure) throw new VpnError('NETWORK', `status: ${path}: ${failure}`);
@@ -390,6 +392,25 @@ export async function queryAll(path: string): Promise<Record<string, unknown>[]>
     if (workers.length > 0) return await Promise.all(workers.map((w) => queryStatus(w)));
   }
   return [await queryStatus(path)];
+}
+
+/**
+ * Ask every server of this user that has a socket in the default directory (controlDir), workers included, in name
+ * order; sockets nobody answers on are skipped. Throws NETWORK naming the directory when none answers.
+ */
+export async function queryEvery(): Promise<Record<string, unknown>[]> {
+  const dir = controlDir();
+  let names: string[] = [];
+  try {
+    names = readdirSync(dir).filter((n) => n.endsWith('.sock')).sort().slice(0, 1024);
+  } catch {
+    // no directory: no server
+  }
+  // A server answers in milliseconds; one that does not within EVERY_TIMEOUT_MS is hung and left out.
+  const answers = await Promise.all(names.map((n) => queryStatus(join(dir, n), EVERY_TIMEOUT_MS).catch(() => null)));
+  const servers = answers.filter((a): a is Record<string, unknown> => a !== null);
+  if (servers.length === 0) throw new VpnError('NETWORK', `status: no server answers in ${dir} (is one running? give --control PATH, or the --listen it was started with)`);
+  return servers;
 }
 
 /** Text from the socket made safe for a terminal: escapeText, and no bidi controls either. */

@@ -18,7 +18,7 @@ import { log } from './log.ts';
 import { CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, type DropPlan, dropPrivileges, planDrop } from './privileges.ts';
 import { REKEY_AFTER_MS } from './rekey.ts';
 import { connectOne, serve, serveLocal } from './server.ts';
-import { defaultControlPath, formatStatus, queryAll } from './control.ts';
+import { defaultControlPath, formatStatus, queryAll, queryEvery, STATUS_FORMAT } from './control.ts';
 import { isLoopback } from './metrics.ts';
 import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
@@ -37,7 +37,7 @@ Usage:
                                            a key for one client of a server's keyring
   bun vpn.ts serve   [options]             accept tunnels (default 127.0.0.1:${DEFAULT_PORT})
   bun vpn.ts connect [HOST:PORT] [options] open a tunnel to a server
-  bun vpn.ts status  [--control PATH]      show a running server's sessions and counters
+  bun vpn.ts status  [--control PATH]      show running servers' sessions and counters
   bun vpn.ts help COMMAND | COMMAND --help | --version
 
 Both ends must share a secret: a key file from keygen (best) or a passphrase;
@@ -184,16 +184,18 @@ Examples:
 
 const USAGE_STATUS = `Usage: bun vpn.ts status [--control PATH | --listen ADDR] [--json]
 
-Show a running server's sessions and counters, as wg show does: per session the
+Show running servers' sessions and counters, as wg show does: per session the
 client's name (with a keyring), address, mode, protocol version, since when, the last
 record received, bytes each way and bytes queued; for the server its listeners,
 limits, handshakes by outcome and drops by reason. Asks over the server's control
 socket (serve --control), which only the server's user can open.
 
   --control PATH         the server's control socket
-  --listen ADDR          the --listen the server was started with (default ${DEFAULT_HOST}:${DEFAULT_PORT}):
-                         its default control socket is asked
-  --json                 the same as JSON with stable keys (README "status")
+  --listen ADDR          the --listen the server was started with: its default control socket
+                         is asked
+  (neither)              every server of this user with a default control socket
+  --json                 the same as JSON with stable keys (README "status"): one server's
+                         snapshot, or {"format": 1, "servers": [...]} without --control/--listen
   -h, --help             this help
 
 Exit status 0 with an answer, 1 when no server answers there.
@@ -745,8 +747,15 @@ async function statusCommand(f: Flags, positionals: string[]): Promise<number> {
   if (positionals.length > 0) throw new VpnError('USAGE', `status takes no positional arguments (give --control PATH, or the --listen the server was started with)`);
   const c = str(f, 'control');
   if (c === 'none') throw new VpnError('USAGE', '--control none turns the control socket off; status needs one');
-  const path = c ?? defaultControlPath(parseAddress(str(f, 'listen') ?? `${DEFAULT_HOST}:${DEFAULT_PORT}`, '--listen'));
-  const answers = await queryAll(path);
+  const listen = str(f, 'listen');
+  if (c !== undefined && listen !== undefined) throw new VpnError('USAGE', 'give either --control PATH or --listen ADDR, not both');
+  if (c === undefined && listen === undefined) {
+    // Neither: every server of this user that answers in the default directory, as `wg show` shows every interface.
+    const servers = await queryEvery();
+    process.stdout.write(f.json ? `${JSON.stringify({ format: STATUS_FORMAT, servers }, null, 2)}\n` : servers.map(formatStatus).join('\n'));
+    return EXIT_OK;
+  }
+  const answers = await queryAll(c ?? defaultControlPath(parseAddress(listen!, '--listen')));
   if (f.json) process.stdout.write(`${JSON.stringify(answers.length === 1 ? answers[0] : { format: answers[0]!.format, workers: answers }, null, 2)}\n`);
   else process.stdout.write(answers.map(formatStatus).join('\n'));
   return EXIT_OK;

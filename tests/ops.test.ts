@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
 import type { Socket, SocketHandler } from 'bun';
-import { chmodSync, lstatSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { controlDir, defaultControlPath, formatStatus } from '../control.ts';
 import { nativeEngine } from '../engine.ts';
@@ -226,6 +226,11 @@ describe('status', () => {
     if (ns.length > 0) expect(readFileSync('/proc/net/unix', 'latin1')).not.toContain(live);
     using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--key', key]);
     const port = await srv.listeningPort();
+    expect(() => lstatSync(leftover)).toThrow();
+    expect(lstatSync(live).isSocket()).toBe(true);
+    other.kill('SIGKILL'); // (it accepts but never answers: status below would wait for it)
+    await other.exit();
+    rmSync(live, { force: true });
     const path = defaultControlPath({ kind: 'tcp', host: '127.0.0.1', port });
     expect(dirname(path)).toBe(controlDir());
     const st = lstatSync(path);
@@ -235,8 +240,13 @@ describe('status', () => {
     const r = await run(['status', '--listen', `127.0.0.1:${port}`, '--json']);
     expect(r.code, r.err).toBe(0);
     expect(JSON.parse(r.out).server.control).toBe(path);
-    expect(() => lstatSync(leftover)).toThrow();
-    expect(lstatSync(live).isSocket()).toBe(true);
+    // Without --control or --listen: every server with a socket there (other tests' servers may be among them).
+    const all = await run(['status', '--json']);
+    expect(all.code, all.err).toBe(0);
+    const servers = JSON.parse(all.out).servers as any[];
+    expect(servers.filter((x) => x.server.control === path).map((x) => x.server.listeners)).toEqual([[`127.0.0.1:${port}`]]);
+    expect((await run(['status'])).out).toContain(`server: 127.0.0.1:${port}\n`);
+    expect((await run(['status', '--control', path, '--listen', `127.0.0.1:${port}`])).code).toBe(2);
     srv.kill('SIGTERM');
     expect(await srv.exit()).toBe(0);
     expect(() => lstatSync(path)).toThrow();
