@@ -1132,7 +1132,8 @@ export function openTunClient(o: TunClientOptions): { mode: Mode; close(): void 
           carries4 = a.v4 !== null;
           carries6 = a.v6 !== null;
           caps = dev.vnet ? a.offload : null;
-          mtuNow = mtu;
+          // the server's kernel cuts by its own MTU: a client with a smaller --mtu still takes its segments
+          mtuNow = Math.max(mtu, a.mtu);
           if (a.v4) request = formatCidr(a.v4.address);
           if (a.v6) request6 = formatCidr6(a.v6.address);
           current = sess;
