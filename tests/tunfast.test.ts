@@ -15,7 +15,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, te
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Proc, VPN } from './helpers.ts';
+import { Proc, ROOT, VPN } from './helpers.ts';
 import { inNetns, Namespaces, netnsUnavailable, sh } from './netns.ts';
 import { checkVnet, type Checked, completeChecksum, F_NEEDS_CSUM, fold, GSO_NONE, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, PLAIN_HDR, readVnetHdr, segment, sum16, VNET_HDR_LEN, type VnetHdr, writeVnetHdr } from '../offload.ts';
 import { carry, InboundFilter, readOffload, unwrapVnet } from '../tun.ts';
@@ -436,6 +436,57 @@ else:
         s.sendto(bytes(range(256)) * (n // 256) + bytes(n % 256), (addr, port))
 `;
 
+/**
+ * A hostile TUN server holding the key (every client of a server holds it): the real serve skeleton with a mode of
+ * its own that answers with offloads and then sends the records in RECORDS (a file of hex lines) as DATA.
+ */
+const HOSTILE_TS = `
+import { readFileSync } from 'node:fs';
+import { serve } from '${ROOT}/server.ts';
+import { keysFromKeyFile } from '${ROOT}/handshake.ts';
+import { getEngine } from '${ROOT}/engine.ts';
+const [keyPath, host, port, recordsPath] = process.argv.slice(2);
+const keys = keysFromKeyFile(new Uint8Array(Buffer.from(readFileSync(keyPath, 'utf8').trim(), 'hex')));
+const records = readFileSync(recordsPath, 'utf8').trim().split('\\n').map((h) => new Uint8Array(Buffer.from(h, 'hex')));
+const mode = {
+  onShutdown: 'close',
+  config: () => ({ mode: 'tun', address: '10.75.0.2/24', server: '10.75.0.1', routes: [], mtu: 1371, offload: ['csum', 'tso4', 'tso6'] }),
+  app: (session) => ({
+    onOpen: (s) => void setTimeout(() => { for (const r of records) s.writeRecord(r); console.error('sent ' + records.length); }, 500),
+    onData: () => {},
+    onPeerClose: () => session.close(),
+    onEnd: () => {},
+  }),
+};
+process.exit(await serve({ keys, engine: getEngine('native'), handshakeTimeoutMs: 5000, keepaliveMs: 0 }, { listen: { kind: 'tcp', host, port: Number(port) }, maxConns: 4, graceMs: 1000, control: null }, mode));
+`;
+
+/** An IPv4 UDP datagram from `src` to 10.75.0.2:6002 holding `text`, both checksums complete. */
+function udp4(src: number[], text: string): Uint8Array {
+  const body = new TextEncoder().encode(text);
+  const p = new Uint8Array(28 + body.length);
+  const d = new DataView(p.buffer);
+  p[0] = 0x45;
+  d.setUint16(2, p.length);
+  p[8] = 64;
+  p[9] = 17;
+  p.set(src, 12);
+  p.set([10, 75, 0, 2], 16);
+  d.setUint16(10, ~refSum(p.subarray(0, 20)) & 0xffff);
+  d.setUint16(20, 4000);
+  d.setUint16(22, 6002);
+  d.setUint16(24, 8 + body.length);
+  p.set(body, 28);
+  d.setUint16(26, ~refSum(new Uint8Array([...pseudo(p, false, 17, 8 + body.length), ...p.subarray(20)])) & 0xffff || 0xffff);
+  return p;
+}
+const hex = (h: VnetHdr, p: Uint8Array) => {
+  const f = new Uint8Array(VNET_HDR_LEN + p.length);
+  writeVnetHdr(f, 0, h);
+  f.set(p, VNET_HDR_LEN);
+  return Buffer.from(f).toString('hex');
+};
+
 const env = (offload: boolean) => ({ ...(process.env as Record<string, string>), VPN_TUN_OFFLOAD: offload ? 'on' : 'off' });
 
 /** A server and a client, each with offloads or without; resolves once the tunnel is up. */
@@ -477,6 +528,7 @@ describe.skipIf(skip !== null)('end to end, in network namespaces', () => {
     writeFileSync(join(work, 'sink.py'), SINK_PY);
     writeFileSync(join(work, 'source.py'), SOURCE_PY);
     writeFileSync(join(work, 'udp.py'), UDP_PY);
+    writeFileSync(join(work, 'hostile.ts'), HOSTILE_TS);
     key = join(work, 'vpn.key');
     expect(sh(['bun', VPN, 'keygen', key]).ok).toBe(true);
     spaces.add(NS.s);
@@ -564,4 +616,41 @@ describe.skipIf(skip !== null)('end to end, in network namespaces', () => {
     const logs = await t.stop();
     expect(logs.srv).toMatch(/, 0 bad offload headers/);
   }, 60_000);
+
+  test('a hostile server (it holds the key) gets no bad header and no forged source into the client: each is dropped and counted, only the good datagram arrives', async () => {
+    const server = [10, 75, 0, 1];
+    const forged = [192, 0, 2, 9];
+    const udpAt = { ...PLAIN_HDR, flags: F_NEEDS_CSUM, csumStart: 20, csumOffset: 6 };
+    const tcpForged = superSegment(false, rnd(4000, 21));
+    tcpForged.set(forged, 12);
+    tcpForged.set([10, 75, 0, 2], 16);
+    const records = [
+      hex({ ...PLAIN_HDR, flags: 0x04 }, udp4(server, 'bad-flags')),
+      hex({ ...udpAt, csumOffset: 2 }, udp4(server, 'bad-position')),
+      hex({ ...udpAt, gsoType: 3, gsoSize: 100 }, udp4(server, 'ufo')),
+      hex({ ...gsoHdr(false, 1300), gsoType: GSO_TCPV4 | 0x80 }, superSegment(false, rnd(4000, 22))),
+      hex(gsoHdr(false, 40), superSegment(false, rnd(4000, 23))),
+      hex(gsoHdr(false, 1300), tcpForged),
+      hex(PLAIN_HDR, udp4(forged, 'forged-source')),
+      hex(PLAIN_HDR, udp4(server, 'good')),
+    ];
+    writeFileSync(join(work, 'records'), records.join('\n'));
+    const port = nextPort++;
+    const srv = new Proc(inNetns(NS.s, ['bun', join(work, 'hostile.ts'), key, SERVER, String(port), join(work, 'records')]));
+    live.push(srv);
+    await srv.waitFor(/^listening on /m);
+    const rx = new Proc(inNetns(NS.c, ['python3', '-u', join(work, 'udp.py'), 'recv', '0.0.0.0', '6002', '8']));
+    live.push(rx);
+    await rx.waitFor(/^ready$/m);
+    const cli = new Proc(inNetns(NS.c, ['bun', VPN, 'connect', `${SERVER}:${port}`, '--tun', 'auto', '--key', key, '--no-reconnect']));
+    live.push(cli);
+    await cli.waitFor(/^offloads on/m);
+    await srv.waitFor(/^sent 8$/m);
+    expect(await rx.exit()).toBe(0);
+    expect(JSON.parse(new TextDecoder().decode(await rx.stdoutBytes).trim())).toEqual([4]); // 'good', nothing else
+    cli.kill('SIGTERM');
+    await cli.exit();
+    expect(cli.stderr).toMatch(/dropped a packet from the server with a bad offload header/);
+    expect(cli.stderr).toMatch(/, 2 from a source outside the tunnel and its routes; 0 refused by the kernel, 0 malformed reads, 5 bad offload headers/);
+  });
 });
