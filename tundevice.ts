@@ -500,8 +500,9 @@ export class TunDevice {
     const at = ptr(buf);
     /** [0]: 1 while the main thread drains (the poller waits), [1]: 1 when closed */
     const state = new Int32Array(new SharedArrayBuffer(8));
+    let failed = false;
     const drain = () => {
-      if (this.closed) return;
+      if (this.closed || failed) return;
       let more = false;
       let bytes = 0;
       corked(() => {
@@ -509,7 +510,10 @@ export class TunDevice {
           const n = Number(libc!.symbols.read(this.fd, at, VNET_READ_BUF));
           if (n < 0) {
             const e = read.i32(libc!.symbols.__errno_location()!, 0);
-            if (e !== EAGAIN && !this.closed) log.limited('error', `tunread|${this.name}`, `vpn: reading ${this.name} failed (errno ${e})`);
+            if (e === EAGAIN || this.closed) return;
+            // As the plain reader does on an error: say so once and stop reading (the poller keeps waiting).
+            failed = true;
+            log.error(`vpn: reading ${this.name} failed (errno ${e})`);
             return;
           }
           if (n < VNET_HDR_LEN + 20 || n > VNET_READ_BUF) {
@@ -523,6 +527,7 @@ export class TunDevice {
         }
         more = true;
       });
+      if (failed) return;
       if (more) setImmediate(drain);
       else {
         Atomics.store(state, 0, 0);
