@@ -144,6 +144,8 @@ export class WriteQueue {
   }
 }
 
+/** A read at least this large ends this socket's turn (Link.yieldAfter). */
+const YIELD_READ = 64 * 1024;
 // ---- Link: one Bun socket, ordered inbound events, queued outbound bytes ----
 
 /** What a Link delivers to its consumer, in order, never while paused. */
@@ -310,9 +312,27 @@ export class Link {
 
   private dispatch(ev: Inbound): void {
     const e = this.events!;
-    if (ev.kind === 'data') corked(() => e.onData(ev.chunk));
-    else if (ev.kind === 'end') corked(() => e.onEnd());
+    if (ev.kind === 'data') {
+      corked(() => e.onData(ev.chunk));
+      this.yieldAfter(ev.chunk.length);
+    } else if (ev.kind === 'end') corked(() => e.onEnd());
     else corked(() => e.onClose(ev.err));
+  }
+
+  private yielding = false;
+  /**
+   * After a large read, stop reading this socket until the event loop has gone round once: Bun reads a socket again
+   * at once while its buffer came back full, so one peer that keeps its socket full (a flood of small frames, each
+   * verified) would otherwise hold the loop for seconds, and every other session, timer and accept with it.
+   */
+  private yieldAfter(n: number): void {
+    if (n < YIELD_READ || this.yielding || this.paused || this.closed) return;
+    this.yielding = true;
+    this.socket.pause();
+    setImmediate(() => {
+      this.yielding = false;
+      if (!this.paused && !this.closed) this.socket.resume();
+    });
   }
 
   /** Bun's `drain`. */

@@ -8,7 +8,8 @@
  * and removes them at exit. Plus the refusals.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CAP_NET_ADMIN } from '../privileges.ts';
 import { Proc, tempDir, VPN, VpnProcess } from './helpers.ts';
@@ -147,8 +148,17 @@ describe('--user: refusals (exit 2, before anything is created)', () => {
   }
 
   test.skipIf(process.getuid?.() !== 0)('a process that is not root is told --user needs root', async () => {
-    const p = new Proc(['setpriv', '--reuid', '65534', '--regid', '65534', '--clear-groups', 'bun', VPN, 'connect', '127.0.0.1:1', '--tun', 'auto', '--user', USER, '--secret', 'long enough passphrase']);
+    // nobody may not be able to read the checkout (a clone in a 0700 directory, as mktemp -d makes): run a bundle of
+    // the same code from a directory it can read.
+    const dir = mkdtempSync(join(tmpdir(), 'vpn-nobody-'));
+    chmodSync(dir, 0o755);
+    const bundle = join(dir, 'vpn.js');
+    const b = Bun.spawnSync(['bun', 'build', VPN, '--target', 'bun', '--outfile', bundle]);
+    expect(b.exitCode, b.stderr.toString()).toBe(0);
+    chmodSync(bundle, 0o644);
+    const p = new Proc(['setpriv', '--reuid', '65534', '--regid', '65534', '--clear-groups', 'bun', bundle, 'connect', '127.0.0.1:1', '--tun', 'auto', '--user', USER, '--secret', 'long enough passphrase']);
     expect(await p.exit()).toBe(2);
     expect(p.stderr).toContain('--user needs root (CAP_SETUID and CAP_SETGID)');
+    rmSync(dir, { recursive: true, force: true });
   });
 });
