@@ -257,3 +257,139 @@ export function segment(p: Uint8Array, c: Checked, step: number, full: boolean, 
   }
   return count;
 }
+
+// ---- coalescing (GRO): consecutive TCP segments of one flow become one super-segment ----
+
+const TCP_ACK = 0x10;
+/** A coalesced packet stays below this many bytes (with its header it then fits a 65536-byte record too). */
+const COALESCE_MAX = 65535 - VNET_HDR_LEN;
+
+function csumOk(p: Uint8Array, v6: boolean, l3: number): boolean {
+  return fold(sum16(p, l3, p.length, pseudoSum(p, v6, PROTO_TCP, p.length - l3))) === 0xffff;
+}
+
+/**
+ * Gathers plain packets written to an offload device and writes runs of consecutive segments of one TCP flow as one
+ * super-segment (as the kernel's GRO would), so that many packets cost one write(2). Only what GRO itself would
+ * merge is merged: IPv4 without options and with DF, consecutive IDs, or IPv6 without extension headers; the same
+ * addresses, TTL/hop limit, TOS/flow label, ports, ACK number, window and TCP options; only ACK set (PSH allowed on
+ * the last); sequence numbers back to back; every segment but the last of the run's first size; each segment's own
+ * checksum verified first (the merged one's is left to the kernel, which no longer checks the parts). Anything else
+ * passes through alone and unchanged, in order. `emit` gets header + packet in a fresh buffer.
+ */
+export class Coalescer {
+  private run: Uint8Array[] = [];
+  private runBytes = 0;
+  private gso = 0;
+  private nextSeq = 0;
+  private v6 = false;
+  private l3 = 0;
+  private hl = 0;
+
+  constructor(private readonly emit: (frame: Uint8Array) => void) {}
+
+  /** Take one whole plain packet (its length field checked by the caller); it goes out at the latest on `flush`. */
+  add(p: Uint8Array): void {
+    const seg = this.segmentInfo(p);
+    if (seg && this.run.length > 0 && this.continues(p, seg)) {
+      this.run.push(p.slice());
+      this.runBytes += seg.len;
+      this.nextSeq = (this.nextSeq + seg.len) >>> 0;
+      if (p[seg.l3 + 13] !== TCP_ACK || seg.len < this.gso) this.flush(); // PSH, or a short one: the run is complete
+      return;
+    }
+    this.flush();
+    if (!seg) return this.emitPlain(p);
+    this.run = [p.slice()];
+    this.runBytes = seg.len;
+    this.gso = seg.len;
+    this.nextSeq = (seg.seq + seg.len) >>> 0;
+    this.v6 = seg.v6;
+    this.l3 = seg.l3;
+    this.hl = seg.l3 + seg.l4;
+    if (p[seg.l3 + 13] !== TCP_ACK) this.flush();
+  }
+
+  /** Write what is gathered. */
+  flush(): void {
+    const run = this.run;
+    if (run.length === 0) return;
+    this.run = [];
+    if (run.length === 1) return this.emitPlain(run[0]!);
+    const { l3, hl, v6 } = this;
+    const last = run[run.length - 1]!;
+    const frame = new Uint8Array(VNET_HDR_LEN + hl + this.runBytes);
+    const q = frame.subarray(VNET_HDR_LEN);
+    q.set(run[0]!.subarray(0, hl));
+    let off = hl;
+    for (const p of run) {
+      q.set(p.subarray(hl), off);
+      off += p.length - hl;
+    }
+    q[l3 + 13] = last[l3 + 13]!; // the last one's PSH
+    if (v6) put16(q, 4, q.length - IPV6_HDR);
+    else {
+      put16(q, 2, q.length);
+      ipv4HeaderChecksum(q, l3);
+    }
+    partialL4Checksum(q, v6, l3, PROTO_TCP, TCP_CSUM_OFFSET);
+    writeVnetHdr(frame, 0, { flags: F_NEEDS_CSUM, gsoType: v6 ? GSO_TCPV6 : GSO_TCPV4, hdrLen: hl, gsoSize: this.gso, csumStart: l3, csumOffset: TCP_CSUM_OFFSET });
+    this.emit(frame);
+  }
+
+  private emitPlain(p: Uint8Array): void {
+    const frame = new Uint8Array(VNET_HDR_LEN + p.length); // a zero header: nothing pending
+    frame.set(p, VNET_HDR_LEN);
+    this.emit(frame);
+  }
+
+  /** Where a mergeable TCP segment's parts are, or null when it is not one (it then passes alone). */
+  private segmentInfo(p: Uint8Array): { v6: boolean; l3: number; l4: number; seq: number; len: number } | null {
+    const n = p.length;
+    let v6: boolean;
+    let l3: number;
+    if (n >= IPV4_MIN_HDR && p[0] === 0x45) {
+      if (p[9] !== PROTO_TCP || (p[6]! & 0xbf) !== 0 || p[7] !== 0 || !(p[6]! & 0x40)) return null; // DF, no fragment
+      if (((p[2]! << 8) | p[3]!) !== n) return null;
+      v6 = false;
+      l3 = IPV4_MIN_HDR;
+    } else if (n >= IPV6_HDR && p[0]! >> 4 === 6) {
+      if (p[6] !== PROTO_TCP || IPV6_HDR + ((p[4]! << 8) | p[5]!) !== n) return null;
+      v6 = true;
+      l3 = IPV6_HDR;
+    } else return null;
+    if (l3 + TCP_MIN_HDR > n) return null;
+    const l4 = (p[l3 + 12]! >> 4) * 4;
+    if (l4 < TCP_MIN_HDR || l3 + l4 >= n) return null; // no payload: nothing to merge
+    const f = p[l3 + 13]!;
+    if (f !== TCP_ACK && f !== (TCP_ACK | TCP_PSH)) return null;
+    if (!csumOk(p, v6, l3)) return null; // the kernel will check it alone
+    const seq = ((p[l3 + 4]! << 24) | (p[l3 + 5]! << 16) | (p[l3 + 6]! << 8) | p[l3 + 7]!) >>> 0;
+    return { v6, l3, l4, seq, len: n - l3 - l4 };
+  }
+
+  /** Whether segment `p` extends the run: same flow and fields, next in sequence, no larger than the run's size. */
+  private continues(p: Uint8Array, s: { v6: boolean; l3: number; l4: number; seq: number; len: number }): boolean {
+    const first = this.run[0]!;
+    const prev = this.run[this.run.length - 1]!;
+    if (s.v6 !== this.v6 || s.l3 + s.l4 !== this.hl || s.seq !== this.nextSeq || s.len > this.gso) return false;
+    if (prev.length - this.hl !== this.gso) return false; // only the last may be short
+    if (this.hl + this.runBytes + s.len > COALESCE_MAX) return false;
+    const l3 = this.l3;
+    if (this.v6) {
+      for (let i = 0; i < 4; i++) if (p[i] !== first[i]) return false; // version, traffic class, flow label
+      for (let i = 6; i < IPV6_HDR; i++) if (p[i] !== first[i]) return false; // next header, hop limit, addresses
+    } else {
+      if (p[1] !== first[1] || p[8] !== first[8]) return false; // TOS, TTL
+      for (let i = 12; i < 20; i++) if (p[i] !== first[i]) return false;
+      const id = (p[4]! << 8) | p[5]!;
+      const prevId = (prev[4]! << 8) | prev[5]!;
+      if (id !== ((prevId + 1) & 0xffff)) return false;
+    }
+    for (let i = 0; i < 4; i++) if (p[l3 + i] !== first[l3 + i]) return false; // ports
+    for (let i = 8; i < 12; i++) if (p[l3 + i] !== first[l3 + i]) return false; // ACK number
+    if (p[l3 + 14] !== first[l3 + 14] || p[l3 + 15] !== first[l3 + 15]) return false; // window
+    for (let i = l3 + TCP_MIN_HDR; i < this.hl; i++) if (p[i] !== first[i]) return false; // options (timestamps)
+    return true;
+  }
+}

@@ -21,7 +21,7 @@ import { formatPrefix, isCidr6, parsePrefix, type Prefix } from './address.ts';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
 import { corked } from './net.ts';
-import { VNET_HDR_LEN } from './offload.ts';
+import { Coalescer, VNET_HDR_LEN } from './offload.ts';
 
 // ---- Linux ABI (linux/if_tun.h, linux/if.h, linux/capability.h) ----
 const TUN_PATH = '/dev/net/tun';
@@ -285,8 +285,9 @@ export class TunDevice {
   readonly stats = { read: 0, written: 0, writeErrors: 0, malformed: 0 };
 
   private poller: Worker | null = null;
-  /** plain writes with offloads on get a zero header in front of them here */
-  private scratch: Uint8Array | null = null;
+  /** plain writes with offloads on: consecutive segments of a TCP flow go in as one super-segment (GRO) */
+  private gro: Coalescer | null = null;
+  private groPending = false;
 
   private constructor(
     readonly fd: number,
@@ -549,6 +550,11 @@ export class TunDevice {
 
   /** Inject one packet into the kernel (one write(2)); with offloads, `p` starts with its virtio_net_hdr. False if it was refused. */
   write(p: Uint8Array): boolean {
+    if (this.gro && this.groPending) this.gro.flush(); // what was gathered goes first
+    return this.writeNow(p);
+  }
+
+  private writeNow(p: Uint8Array): boolean {
     if (this.closed) return false;
     try {
       writeSync(this.fd, p);
@@ -569,17 +575,27 @@ export class TunDevice {
     }
   }
 
-  /** Inject a bare packet (no pending checksum, no GSO): with offloads, behind a zero header. */
+  /**
+   * Inject a bare packet (no pending checksum, no GSO). With offloads it goes in behind a header, and the packets
+   * written while one event is handled are coalesced (offload.ts Coalescer) and written when it ends: true then
+   * means taken, not yet written.
+   */
   writePlain(p: Uint8Array): boolean {
     if (!this.vnet) return this.write(p);
-    if (p.length > VNET_READ_BUF - VNET_HDR_LEN) {
+    if (this.closed || p.length > VNET_READ_BUF - VNET_HDR_LEN) {
       this.stats.writeErrors++;
       return false;
     }
-    const s = (this.scratch ??= new Uint8Array(VNET_READ_BUF));
-    s.fill(0, 0, VNET_HDR_LEN);
-    s.set(p, VNET_HDR_LEN);
-    return this.write(s.subarray(0, VNET_HDR_LEN + p.length));
+    const gro = (this.gro ??= new Coalescer((frame) => void this.writeNow(frame)));
+    gro.add(p);
+    if (!this.groPending) {
+      this.groPending = true;
+      queueMicrotask(() => {
+        this.groPending = false;
+        gro.flush();
+      });
+    }
+    return true;
   }
 
   /** Remove the pinned routes and close the fd, which removes the interface and its routes. Idempotent. */

@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Proc, ROOT, VPN } from './helpers.ts';
 import { inNetns, Namespaces, netnsUnavailable, sh } from './netns.ts';
-import { checkVnet, type Checked, completeChecksum, F_NEEDS_CSUM, fold, GSO_NONE, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, PLAIN_HDR, readVnetHdr, segment, sum16, VNET_HDR_LEN, type VnetHdr, writeVnetHdr } from '../offload.ts';
+import { checkVnet, type Checked, Coalescer, completeChecksum, F_NEEDS_CSUM, fold, GSO_NONE, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, PLAIN_HDR, readVnetHdr, segment, sum16, VNET_HDR_LEN, type VnetHdr, writeVnetHdr } from '../offload.ts';
 import { carry, InboundFilter, readOffload, unwrapVnet } from '../tun.ts';
 import { MAX_PAYLOAD } from '../channel.ts';
 import { parseCidr, parseCidr6 } from '../address.ts';
@@ -263,6 +263,53 @@ describe('offload.ts: checksums and segmentation', () => {
       const r = unwrapVnet(b, 1371);
       if (typeof r !== 'string') expect(typeof checkVnet(r.o.c.hdr, r.p, 65535)).toBe('object');
     }
+  });
+
+  for (const v6 of [false, true]) {
+    test(`coalescing (GRO, ${v6 ? 'IPv6' : 'IPv4'}): the packets of a cut super-segment merge back into exactly it, with a header the checks accept`, () => {
+      const payload = rnd(20_000, 30);
+      const orig = superSegment(v6, payload, 0x18); // ACK PSH
+      const c = check(gsoHdr(v6, 1300), orig);
+      const parts: Uint8Array[] = [];
+      segment(orig, c, 1300, true, (q) => parts.push(q));
+      const out: Uint8Array[] = [];
+      const g = new Coalescer((f) => out.push(f));
+      for (const q of parts) g.add(q);
+      g.flush();
+      expect(out.length).toBe(1); // PSH on the last closed the run
+      const h = readVnetHdr(out[0]!);
+      expect(h).toEqual({ ...c.hdr });
+      expect(Buffer.from(out[0]!.subarray(VNET_HDR_LEN)).equals(Buffer.from(orig))).toBe(true);
+      expect(typeof checkVnet(h, out[0]!.subarray(VNET_HDR_LEN), 1300)).toBe('object');
+    });
+  }
+
+  test('coalescing merges only what GRO would: a bad checksum, another flow or a gap in the sequence each end the run, and every packet still goes in, in order', () => {
+    const parts: Uint8Array[] = [];
+    segment(superSegment(false, rnd(13_000, 31), 0x10), check(gsoHdr(false, 1300), superSegment(false, rnd(13_000, 31), 0x10)), 1300, true, (q) => parts.push(q));
+    expect(parts.length).toBe(10);
+    const bad = parts[3]!.slice();
+    bad[bad.length - 1]! ^= 1; // payload changed, checksum not
+    const other = parts[6]!.slice();
+    new DataView(other.buffer).setUint16(20, 40001); // another source port
+    const fixed = (q: Uint8Array) => {
+      const d = new DataView(q.buffer);
+      d.setUint16(36, 0);
+      d.setUint16(36, ~refSum(new Uint8Array([...pseudo(q, false, 6, q.length - 20), ...q.subarray(20)])) & 0xffff);
+      return q;
+    };
+    const seq = [parts[0]!, parts[1]!, parts[2]!, bad, parts[4]!, parts[5]!, fixed(other), parts[7]!, parts[9]!, parts[8]!];
+    const out: Uint8Array[] = [];
+    const g = new Coalescer((f) => out.push(f));
+    for (const q of seq) g.add(q);
+    g.flush();
+    // runs: [0 1 2] merged; bad alone; [4 5] merged; other alone; 7 alone (9 is not next); 9 alone; 8 alone
+    const sizes = out.map((f) => readVnetHdr(f).gsoType === GSO_NONE ? 1 : (f.length - VNET_HDR_LEN - 52) / 1300);
+    expect(sizes).toEqual([3, 1, 2, 1, 1, 1, 1]);
+    const bytes = Buffer.concat(out.map((f) => Buffer.from(f.subarray(VNET_HDR_LEN + 52))));
+    expect(bytes.equals(Buffer.concat(seq.map((q) => Buffer.from(q.subarray(52)))))).toBe(true); // the same payload, in order
+    const untouched = out.filter((f) => readVnetHdr(f).gsoType === GSO_NONE).map((f) => Buffer.from(f.subarray(VNET_HDR_LEN)));
+    expect(untouched.some((b) => b.equals(Buffer.from(bad)))).toBe(true); // the bad one unchanged: its kernel drops it
   });
 
   test('a header reads and writes back unchanged (little-endian fields, as linux/virtio_net.h on x86 and arm64)', () => {
