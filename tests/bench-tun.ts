@@ -76,6 +76,10 @@ async function waitUntil(cond: () => boolean, ms: number): Promise<boolean> {
   return cond();
 }
 
+/** every tunnel process started: whatever fails, `measure` kills what is left */
+const spawned: Proc[] = [];
+const track = (p: Proc) => (spawned.push(p), p);
+
 async function stopProc(p: Proc): Promise<void> {
   p.kill('SIGTERM');
   const t = setTimeout(() => p.kill('SIGKILL'), 4000);
@@ -93,11 +97,11 @@ async function measure(record: Record_, label: string, spaces: { s: string; c: s
       return;
     }
     const { dst, pids } = started;
-    const srvIperf = new Proc(inNetns(spaces.s, ['iperf3', '-s', '-B', dst, '-1']));
+    const srvIperf = track(new Proc(inNetns(spaces.s, ['iperf3', '-s', '-B', dst, '-1'])));
     await Bun.sleep(300);
     const fwd = iperf(spaces.c, dst, secs, false, pids);
     await srvIperf.exit(5000).catch(() => srvIperf.kill('SIGKILL'));
-    const srvIperf2 = new Proc(inNetns(spaces.s, ['iperf3', '-s', '-B', dst, '-1']));
+    const srvIperf2 = track(new Proc(inNetns(spaces.s, ['iperf3', '-s', '-B', dst, '-1'])));
     await Bun.sleep(300);
     const rev = iperf(spaces.c, dst, secs, true, pids);
     await srvIperf2.exit(5000).catch(() => srvIperf2.kill('SIGKILL'));
@@ -110,6 +114,10 @@ async function measure(record: Record_, label: string, spaces: { s: string; c: s
     record('tun', `${label}: client → server`, null, 'Mbit/s', `failed: ${(e as Error).message.slice(0, 120)}`);
   } finally {
     if (started && typeof started !== 'string') await started.stop();
+    for (const p of spawned.splice(0)) {
+      p.kill('SIGKILL');
+      await p.exit(5000).catch(() => {});
+    }
   }
 }
 
@@ -145,9 +153,9 @@ export async function tunBench(record: Record_, secs: number, only = process.env
       if (!want(engine)) continue;
       await measure(record, `ours ${engine}`, spaces, secs, async () => {
         const p = port++;
-        const srv = new Proc(inNetns(spaces.s, ['bun', VPN, 'serve', '--listen', `${SRV_ADDR}:${p}`, '--tun', '10.78.0.1/24', '--tun-name', 'bt%d', '--key', key, '--engine', engine, ...extraFlags]));
+        const srv = track(new Proc(inNetns(spaces.s, ['bun', VPN, 'serve', '--listen', `${SRV_ADDR}:${p}`, '--tun', '10.78.0.1/24', '--tun-name', 'bt%d', '--key', key, '--engine', engine, ...extraFlags])));
         await srv.waitFor(/^listening on /m);
-        const cli = new Proc(inNetns(spaces.c, ['bun', VPN, 'connect', `${SRV_ADDR}:${p}`, '--tun', 'auto', '--tun-name', 'bt%d', '--key', key, '--engine', engine, ...extraFlags]));
+        const cli = track(new Proc(inNetns(spaces.c, ['bun', VPN, 'connect', `${SRV_ADDR}:${p}`, '--tun', 'auto', '--tun-name', 'bt%d', '--key', key, '--engine', engine, ...extraFlags])));
         await cli.waitFor(/^tunnel up: /m);
         return { dst: '10.78.0.1', pids: [srv.pid, cli.pid], stop: async () => (await stopProc(cli), await stopProc(srv)) };
       });
@@ -159,9 +167,9 @@ export async function tunBench(record: Record_, secs: number, only = process.env
         const sk = join(dir, 'ovpn.key');
         sh(['openvpn', '--genkey', 'secret', sk]);
         const common = ['--dev', 'bo0', '--dev-type', 'tun', '--secret', sk, '--cipher', 'AES-256-CBC', '--auth', 'SHA256', '--verb', '1', '--tun-mtu', '1371'];
-        const srv = new Proc(inNetns(spaces.s, ['openvpn', '--proto', 'tcp-server', '--local', SRV_ADDR, '--lport', '41190', '--ifconfig', '10.80.0.1', '10.80.0.2', ...common]));
+        const srv = track(new Proc(inNetns(spaces.s, ['openvpn', '--proto', 'tcp-server', '--local', SRV_ADDR, '--lport', '41190', '--ifconfig', '10.80.0.1', '10.80.0.2', ...common])));
         await Bun.sleep(500);
-        const cli = new Proc(inNetns(spaces.c, ['openvpn', '--proto', 'tcp-client', '--remote', SRV_ADDR, '41190', '--ifconfig', '10.80.0.2', '10.80.0.1', ...common]));
+        const cli = track(new Proc(inNetns(spaces.c, ['openvpn', '--proto', 'tcp-client', '--remote', SRV_ADDR, '41190', '--ifconfig', '10.80.0.2', '10.80.0.1', ...common])));
         const ok = await waitUntil(() => sh(inNetns(spaces.c, ['ping', '-c', '1', '-W', '1', '10.80.0.1'])).ok, 15_000);
         if (!ok) {
           await stopProc(cli);
@@ -187,7 +195,7 @@ export async function tunBench(record: Record_, secs: number, only = process.env
           // wireguard-go -f stays in the foreground, so that its pid is the one we measure; each end its own name,
           // since the UAPI socket (/var/run/wireguard/NAME.sock) is outside the namespaces
           const dev = i === 0 ? 'bws0' : 'bwc0';
-          const p = new Proc(inNetns(where, ['wireguard-go', '-f', dev]));
+          const p = track(new Proc(inNetns(where, ['wireguard-go', '-f', dev])));
           procs.push(p);
           pids.push(p.pid);
           await waitUntil(() => sh(['ip', '-n', where, 'link', 'show', dev]).ok && sh(['wg', 'show', dev]).ok, 5000);
