@@ -122,6 +122,8 @@ keeps listening; each session's bytes go to stdout and come from stdin.
                          it twice for dual-stack, one IPv4 and one IPv6 prefix
                          (--tun 10.66.0.1/24 --tun fd00:66::1/64), or an IPv6 one alone
   --tun-name NAME        interface name (default vpn%d: the kernel picks vpn0, vpn1, …)
+  --no-offload           with --tun: no kernel offloads (one IP packet per record, as versions
+                         before them did); also VPN_TUN_OFFLOAD=off in the environment
   --mtu N                interface MTU (default ${DEFAULT_MTU}: a 1500-byte path less TCP/IP and frame overhead);
                          ${MIN_MTU} to ${MAX_MTU}, at least ${MIN_MTU6} with IPv6 in the tunnel
   --route CIDR           with --tun, repeatable: push a route (IPv4 or IPv6) through the tunnel to
@@ -156,6 +158,8 @@ line chat; otherwise stdin goes to the peer and the peer's bytes to stdout — a
                          server has) or the one asked for (IPv4 or IPv6; give --tun twice
                          to ask for one of each)
   --tun-name NAME        interface name (default vpn%d: the kernel picks vpn0, vpn1, …)
+  --no-offload           with --tun: no kernel offloads (one IP packet per record, as versions
+                         before them did); also VPN_TUN_OFFLOAD=off in the environment
   --mtu N                interface MTU (default: the server's, normally ${DEFAULT_MTU}); below
                          ${MIN_MTU6} the client asks for IPv4 only
   --route CIDR           with --tun, repeatable: send CIDR (IPv4 or IPv6) through the tunnel;
@@ -255,6 +259,7 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   'rekey-after': { kind: 'string' },
   'no-reconnect': { kind: 'boolean' },
   'accept-routes': { kind: 'boolean' },
+  'no-offload': { kind: 'boolean' },
   'insecure-key-file': { kind: 'boolean' },
   keyring: { kind: 'string' },
   client: { kind: 'string' },
@@ -267,7 +272,7 @@ const OPTIONS: Record<string, { kind: Kind; short?: string }> = {
   json: { kind: 'boolean' },
 };
 
-const COMMON = ['key', 'secret', 'insecure-key-file', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns'];
+const COMMON = ['key', 'secret', 'insecure-key-file', 'verbose', 'step', 'quiet', 'engine', 'handshake-timeout', 'keepalive', 'grace', 'help', 'tun', 'tun-name', 'mtu', 'route', 'max-conns', 'no-offload'];
 const COMMAND_FLAGS: Record<string, string[]> = {
   serve: [...COMMON, 'listen', 'once', 'require-pfs', 'forward', 'proxy-protocol', 'workers', 'keyring'],
   connect: [...COMMON, 'no-pfs', 'local', 'rekey-after', 'no-reconnect', 'accept-routes'],
@@ -387,7 +392,7 @@ function refuse(f: Flags, names: string[], why: (flag: string) => string): void 
 
 // ---- TUN options ----
 
-const TUN_ONLY = ['tun-name', 'mtu', 'route', 'user', 'group'];
+const TUN_ONLY = ['tun-name', 'mtu', 'route', 'user', 'group', 'no-offload'];
 
 function tunName(f: Flags): string {
   return checkIfName(str(f, 'tun-name') ?? DEFAULT_NAME);
@@ -653,6 +658,7 @@ async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly s
     const drop = privilegeDrop(f);
     const base = sessionBase(f, 'server');
     checkTunSupport();
+    if (f['no-offload']) process.env.VPN_TUN_OFFLOAD = 'off'; // tun.ts offloadWanted
     const b = await base();
     const bindings = b.keys instanceof KeyringFile ? tunBindings(b.keys, v4, v6) : undefined;
     const t = openTunServer({ ...o, bindings });
@@ -703,6 +709,7 @@ async function connectCommand(f: Flags, positionals: string[]): Promise<number> 
     const drop = privilegeDrop(f);
     const base = sessionBase(f, 'client');
     checkTunSupport();
+    if (f['no-offload']) process.env.VPN_TUN_OFFLOAD = 'off'; // tun.ts offloadWanted
     const b = await base();
     const t = openTunClient(o);
     try {

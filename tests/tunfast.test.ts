@@ -543,7 +543,8 @@ async function tunnel(o: { server: boolean; client: boolean; tun?: string[]; mtu
   const srv = new Proc(inNetns(NS.s, ['bun', VPN, 'serve', '--listen', `${SERVER}:${port}`, ...tun, '--key', key, '--engine', 'native', ...(o.mtu ? ['--mtu', String(o.mtu)] : [])]), { env: env(o.server) });
   live.push(srv);
   await srv.waitFor(/^listening on /m);
-  const cli = new Proc(inNetns(NS.c, ['bun', VPN, 'connect', `${SERVER}:${port}`, '--tun', 'auto', '--key', key, '--engine', 'native']), { env: env(o.client) });
+  // The client turns offloads off by its flag (--no-offload), the server by its environment: both ways are tested.
+  const cli = new Proc(inNetns(NS.c, ['bun', VPN, 'connect', `${SERVER}:${port}`, '--tun', 'auto', '--key', key, '--engine', 'native', ...(o.client ? [] : ['--no-offload'])]), { env: env(true) });
   live.push(cli);
   await cli.waitFor(/^tunnel up: /m);
   const stop = async () => {
