@@ -24,7 +24,7 @@ import type { SessionBase } from './session.ts';
 import { StdioBridge, stdioMode } from './stdio.ts';
 import { AddressPool, AddressPool6, DEFAULT_MTU, MAX_MTU, MAX_ROUTES, MIN_MTU, MIN_MTU6, openTunClient, openTunServer } from './tun.ts';
 import { checkIfName, checkTunSupport, DEFAULT_NAME } from './tundevice.ts';
-import { keysFromSupervisor, MAX_WORKERS, superviseWorkers, workerIndex } from './workers.ts';
+import { keyringFromSupervisor, keysFromSupervisor, MAX_WORKERS, superviseWorkers, workerIndex } from './workers.ts';
 import pkg from './package.json' with { type: 'json' };
 
 export const VERSION: string = pkg.version;
@@ -594,12 +594,13 @@ function sessionBase(f: Flags, role: 'client' | 'server'): () => Promise<Session
   const keyring = str(f, 'keyring');
   if (keyring !== undefined) {
     refuse(f, ['key', 'secret'], (n) => `give either --keyring (a key per client) or ${n} (one key for every client), not both`);
-    if (f.workers !== undefined && str(f, 'workers') !== '1') throw new VpnError('USAGE', '--workers does not take --keyring yet (workers get one shared key); run one server per core behind a TCP load balancer instead');
   }
   return async () => {
     let keys: LongTermKeys | KeyringFile;
     let version = f['no-pfs'] ? VERSION_1 : VERSION_2;
     if (keyring !== undefined) {
+      // serve --workers: each worker reads the keyring itself (and again on the SIGHUP the supervisor passes on)
+      if (workerIndex() > 0) await keyringFromSupervisor(() => process.kill(process.pid, 'SIGTERM'));
       keys = new KeyringFile(keyring, f['insecure-key-file'] === true);
       log.info(`keyring ${keyring}: ${keys.current.size} client key${keys.current.size === 1 ? '' : 's'}`);
     } else {
@@ -678,7 +679,7 @@ async function serveCommand(f: Flags, positionals: string[], rawArgs: readonly s
     if (workers > 1 && f.step) throw new VpnError('USAGE', '--workers cannot be used with --step');
     if (workers > 1) refuse(f, ['metrics'], (n) => `${n} does not take --workers yet (each worker has counters of its own, and one port cannot show them all); use bun vpn.ts status, which asks every worker, or run one server per core behind a load balancer (--accept-proxy)`);
     const base = await sessionBase(f, 'server')();
-    if (workers > 1) return await superviseWorkers({ workers, listen: listenAddr, keys: base.keys as LongTermKeys, args: rawArgs, graceMs: limits.graceMs }); // no --keyring (sessionBase)
+    if (workers > 1) return await superviseWorkers({ workers, listen: listenAddr, keys: base.keys instanceof KeyringFile ? null : (base.keys as LongTermKeys), args: rawArgs, graceMs: limits.graceMs });
     return await serve(base, { ...limits, reusePort: workerIndex() > 0 }, forwardMode(target, f['proxy-protocol'] === true));
   }
   refuse(f, ['proxy-protocol', 'workers'], (n) => `${n} needs --forward (stdio and TUN servers run in one process)`);

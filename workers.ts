@@ -88,8 +88,12 @@ export function workerEnv(index: number, env: Record<string, string | undefined>
   return out;
 }
 
-/** K_wrap ‖ K_auth (‖ K_hint, for a key file: version 3 clients holding the same key, PROTOCOL.md §4.1) in hex. */
-function keysLine(keys: LongTermKeys): string {
+/**
+ * K_wrap ‖ K_auth (‖ K_hint, for a key file: version 3 clients holding the same key, PROTOCOL.md §4.1) in hex; or,
+ * for `--keyring` (null), the word `keyring`: each worker reads the keyring file itself (its path is in argv).
+ */
+function keysLine(keys: LongTermKeys | null): string {
+  if (keys === null) return `${KEYRING_LINE}\n`;
   return [keys.wrap, keys.auth, ...(keys.hint ? [keys.hint] : [])].map((k) => Buffer.from(k).toString('hex')).join('') + '\n';
 }
 
@@ -98,15 +102,8 @@ function keysLine(keys: LongTermKeys): string {
  * call `orphaned` once it closes (the supervisor is gone). Throws USAGE on anything but a key line.
  */
 export async function keysFromSupervisor(orphaned: () => void): Promise<LongTermKeys> {
-  const reader = Bun.stdin.stream().getReader();
-  let text = '';
-  const limit = 6 * KEY_LEN + 1;
-  while (!text.includes('\n') && text.length <= limit) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    text += Buffer.from(value).toString('latin1');
-  }
-  const line = text.split('\n')[0]!;
+  const { line, reader } = await supervisorLine();
+  if (line === KEYRING_LINE) throw new VpnError('USAGE', 'the supervisor serves a keyring, and this worker was started without --keyring');
   if (!/^[0-9a-f]+$/.test(line) || (line.length !== 4 * KEY_LEN && line.length !== 6 * KEY_LEN)) {
     throw new VpnError('USAGE', 'VPN_WORKER is set but stdin did not bring the keys (VPN_WORKER is for serve --workers only)');
   }
@@ -117,6 +114,36 @@ export async function keysFromSupervisor(orphaned: () => void): Promise<LongTerm
     ...(raw.length === 3 * KEY_LEN ? { hint: new Uint8Array(raw.subarray(2 * KEY_LEN)) } : {}),
   };
   raw.fill(0);
+  watchSupervisor(reader, orphaned);
+  return keys;
+}
+
+const KEYRING_LINE = 'keyring';
+
+/** Worker side of `serve --keyring --workers`: the supervisor's first line says so; then watch stdin as above. */
+export async function keyringFromSupervisor(orphaned: () => void): Promise<void> {
+  const { line, reader } = await supervisorLine();
+  if (line !== KEYRING_LINE) throw new VpnError('USAGE', 'VPN_WORKER is set but stdin did not say the supervisor serves a keyring (VPN_WORKER is for serve --workers only)');
+  watchSupervisor(reader, orphaned);
+}
+
+type StdinReader = { read(): Promise<{ done: boolean; value?: Uint8Array }> };
+
+/** The first line the supervisor sent (read up to 6 keys' worth of hex, never more). */
+async function supervisorLine(): Promise<{ line: string; reader: StdinReader }> {
+  const reader = Bun.stdin.stream().getReader();
+  let text = '';
+  const limit = 6 * KEY_LEN + 1;
+  while (!text.includes('\n') && text.length <= limit) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += Buffer.from(value).toString('latin1');
+  }
+  return { line: text.split('\n')[0]!, reader };
+}
+
+/** Keep reading stdin; call `orphaned` once it closes (the supervisor is gone). */
+function watchSupervisor(reader: StdinReader, orphaned: () => void): void {
   void (async () => {
     try {
       while (!(await reader.read()).done) {
@@ -127,7 +154,6 @@ export async function keysFromSupervisor(orphaned: () => void): Promise<LongTerm
     }
     orphaned();
   })();
-  return keys;
 }
 
 interface Worker {
@@ -139,7 +165,8 @@ interface Worker {
 export interface SuperviseOptions {
   workers: number;
   listen: Address;
-  keys: LongTermKeys;
+  /** the shared key, or null for `--keyring` (each worker reads the file; SIGHUP is passed on to them) */
+  keys: LongTermKeys | null;
   /** the command line after the command name (`serve`), as the user gave it */
   args: readonly string[];
   graceMs: number;
@@ -202,6 +229,7 @@ export async function superviseWorkers(o: SuperviseOptions): Promise<number> {
   }
   process.on('SIGINT', () => stopAll('SIGINT'));
   process.on('SIGTERM', () => stopAll('SIGTERM'));
+  if (o.keys === null) process.on('SIGHUP', () => signalAll('SIGHUP')); // every worker re-reads the keyring
 
   const timer = setTimeout(() => failStart(new Error('start timeout')), START_TIMEOUT_MS);
   try {

@@ -368,6 +368,35 @@ describe('keygen --client and serve --keyring (real processes)', () => {
     }
   });
 
+  test('serve --keyring --workers 2: every worker reads the keyring, both clients get in, and the supervisor passes SIGHUP on (bob revoked, alice stays)', async () => {
+    using dir = tempDir();
+    const alice = await addKey(dir.path, 'alice');
+    const bob = await addKey(dir.path, 'bob');
+    const ringPath = join(dir.path, 'ring');
+    using echo = echoServer();
+    using srv = new VpnProcess(['serve', '--listen', '127.0.0.1:0', '--keyring', ringPath, '--forward', `127.0.0.1:${echo.port}`, '--workers', '2']);
+    const port = await srv.listeningPort();
+    expect(srv.stderr.match(/keyring .*ring: 2 client keys/g)?.length ?? 0).toBeGreaterThanOrEqual(2); // the supervisor, and workers
+    using ca = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', alice, '--local', '127.0.0.1:0']);
+    using cb = new VpnProcess(['connect', `127.0.0.1:${port}`, '--key', bob, '--local', '127.0.0.1:0']);
+    const [la, lb] = await Promise.all([ca.listeningPort(), cb.listeningPort()]);
+    const dataA = random(2 << 20);
+    const a = echoThrough(la, dataA, 2500);
+    const b = echoThrough(lb, random(2 << 20), 2500);
+    await srv.waitFor(/\[worker \d pid \d+\] session opened alice/);
+    await srv.waitFor(/\[worker \d pid \d+\] session opened bob/);
+    await Bun.sleep(500);
+    writeFileSync(ringPath, readFileSync(ringPath, 'utf8').split('\n').filter((l) => !l.startsWith('bob ')).join('\n'));
+    srv.kill('SIGHUP');
+    await srv.waitFor(/session of bob \(127\.0\.0\.1:\d+\) ends: its key was removed from the keyring \(SIGHUP\)/, 2000);
+    expect((await b).error).not.toBeNull();
+    const ra = await a;
+    expect(ra.error).toBeNull();
+    expect(ra.digest).toBe(sha256(dataA));
+    expect(srv.stderr.match(/keyring .*ring reloaded: 1 client key/g)?.length).toBe(2); // both workers
+    expect(srv.proc.exitCode).toBeNull();
+  });
+
   test('modes= limits what a key may be used for: a tun-only key is refused by a forward server with the reason', async () => {
     using dir = tempDir();
     const alice = await addKey(dir.path, 'alice', ['--modes', 'tun']);
