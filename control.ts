@@ -166,6 +166,7 @@ export function statusSnapshot(s: ServerStats): Record<string, unknown> {
       peer: x.clientName ?? null,
       address: x.peer,
       mode: e.mode,
+      tunnel: x.tunnel,
       protocol: x.version,
       since: iso(x.startedAt),
       last_record: e.lastRecordAt ? iso(e.lastRecordAt) : null,
@@ -487,6 +488,7 @@ export function formatStatus(j: Record<string, unknown>): string {
     lines.push(`session: ${safe(s.address)}`);
     lines.push(`  peer: ${s.peer == null ? '-' : safe(s.peer, 64)}`);
     lines.push(`  mode: ${s.mode == null ? '-' : safe(s.mode, 20)}, protocol v${num(s.protocol)}`);
+    if (Array.isArray(s.tunnel)) lines.push(`  tunnel: ${s.tunnel.map((a) => safe(a, 50)).join(', ')}`);
     lines.push(`  since: ${safe(s.since)} (${ago(s.since, now)})`);
     lines.push(`  last record: ${ago(s.last_record, now)}`);
     lines.push(`  transfer: ${bytesText(num(s.bytes_in))} received, ${bytesText(num(s.bytes_out))} sent`);

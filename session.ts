@@ -102,6 +102,8 @@ type Ending = 'linger' | 'close' | 'abort';
 
 export class Session {
   readonly startedAt = Date.now();
+  /** TUN server: the client's tunnel addresses, for `status` (set by tun.ts once they are assigned) */
+  tunnel: string[] | null = null;
   private phaseNow: Phase = 'handshake';
   private readonly hs: Handshake;
   private hsBuf: Uint8Array = new Uint8Array(0);

@@ -771,6 +771,7 @@ export function openTunServer(o: TunServerOptions): { mode: Mode; close(): void 
         const a = addrs.get(s)!;
         if (a.v4 !== null) router.attach(a.v4, s);
         if (a.v6 !== null) router.attach(a.v6, s);
+        s.tunnel = addrsText(a).split(' and ');
       },
       onData: (rec) => {
         if (!caps.has(session)) return router.fromClient(addrs.get(session)!, rec);

@@ -165,8 +165,8 @@ describe('status', () => {
     expect(j.server.records.in.config).toBe(1);
     expect(j.sessions).toHaveLength(1);
     const s = j.sessions[0];
-    expect(Object.keys(s).sort()).toEqual(['address', 'bytes_in', 'bytes_out', 'last_record', 'mode', 'peer', 'protocol', 'queued_bytes', 'rekeys', 'since'].sort());
-    expect(s).toMatchObject({ peer: null, mode: 'forward', protocol: 2, bytes_in: 100_000, bytes_out: 100_000, queued_bytes: 0 });
+    expect(Object.keys(s).sort()).toEqual(['address', 'bytes_in', 'bytes_out', 'last_record', 'mode', 'peer', 'protocol', 'queued_bytes', 'rekeys', 'since', 'tunnel'].sort());
+    expect(s).toMatchObject({ peer: null, mode: 'forward', tunnel: null, protocol: 2, bytes_in: 100_000, bytes_out: 100_000, queued_bytes: 0 });
     expect(s.address).toMatch(/^127\.0\.0\.1:\d+$/);
     expect(Date.parse(s.since)).toBeLessThanOrEqual(Date.parse(s.last_record));
     expect(JSON.stringify(j)).not.toMatch(/[0-9a-f]{64}/); // nothing that looks like key material

@@ -1394,7 +1394,8 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     const bound = bindAddresses(new Keyring(ring, parseKeyringText(readFileSync(ring, 'utf8'), ring)), new AddressPool(parseCidr('10.66.0.1/24', 't')), (e) => e.tun, formatIPv4);
     const bobAddr = formatIPv4(bound.get('bob')!);
     const port = nextPort++;
-    const srv = vpnIn(NS.srv, ['serve', '--listen', `0.0.0.0:${port}`, '--tun', '10.66.0.1/24', '--keyring', ring]);
+    const control = join(work, 'tun-ring.sock');
+    const srv = vpnIn(NS.srv, ['serve', '--listen', `0.0.0.0:${port}`, '--tun', '10.66.0.1/24', '--keyring', ring, '--control', control]);
     await srv.waitFor(/^listening on /m);
     const a = vpnIn(NS.c1, ['connect', `${SERVER1}:${port}`, '--key', alice, '--tun', 'auto']);
     expect((await a.waitFor(/^tunnel up: (\S+) (\S+)\/24/m))[2]).toBe('10.66.0.50');
@@ -1404,6 +1405,11 @@ describe.skipIf(skipReason !== null)('TUN across network namespaces', () => {
     await srv.waitFor(/session opened bob 192\.168\.77\.6:\d+ \(protocol v3\)/);
     expect(ping(NS.c1, '10.66.0.1', 2).received).toBe(2);
     expect(ping(NS.c2, '10.66.0.1', 2).received).toBe(2);
+    // status names each client with its tunnel address (wg show's peer and allowed ips)
+    const st = new Proc(['bun', VPN, 'status', '--control', control, '--json']);
+    expect(await st.exit(), st.stderr).toBe(0);
+    const sessions = (JSON.parse(await st.stdout) as { sessions: { peer: string; tunnel: string[] }[] }).sessions;
+    expect(sessions.map((x) => [x.peer, x.tunnel]).sort()).toEqual([['alice', ['10.66.0.50']], ['bob', [bobAddr]]]);
     // bob asks for alice's address: refused, and alice keeps it.
     const thief = vpnIn(NS.c2, ['connect', `${SERVER2}:${port}`, '--key', bob, '--tun', '10.66.0.50', '--no-reconnect']);
     expect(await thief.exit()).toBe(2);
