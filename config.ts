@@ -17,6 +17,7 @@
 import { closeSync, fstatSync, openSync, readFileSync, constants as fsc } from 'node:fs';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
+import { privacyProblems } from './keyring.ts';
 
 /** How a flag takes its value (vpn.ts's option table). */
 export type OptionKind = 'string' | 'boolean' | 'list';
@@ -113,9 +114,7 @@ export function readConfig(path: string, command: string, options: Record<string
     const cfg = parseConfig(text, path, command, options, allowed);
     if (cfg.flags.secret !== undefined) {
       const uid = process.getuid?.() ?? st.uid;
-      const problems: string[] = [];
-      if ((st.mode & 0o077) !== 0) problems.push(`has mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}, which lets others than its owner read or write it`);
-      if (st.uid !== uid) problems.push(`is owned by uid ${st.uid}, not by this user (uid ${uid})`);
+      const problems = privacyProblems(st); // the key files' rule (keyring.ts)
       if (problems.length > 0) {
         const what = `config file ${path} holds a secret (line ${cfg.lines.get('secret')}) and ${problems.join(' and ')}`;
         const fix = `chmod 600 ${path}${st.uid !== uid ? ' and chown it to this user' : ''}, or move the secret to a key file (key = …)`;

@@ -55,11 +55,8 @@ export function readPrivateFile(path: string, insecure: boolean, what: string): 
       throw failed(e);
     }
     if (!st.isFile()) throw new VpnError('USAGE', `${what} ${path} is not a regular file`);
-    const mode = (st.mode & 0o7777).toString(8).padStart(4, '0');
     const uid = process.getuid?.() ?? st.uid;
-    const problems: string[] = [];
-    if ((st.mode & 0o077) !== 0) problems.push(`has mode ${mode}, which lets ${(st.mode & 0o070) !== 0 && (st.mode & 0o007) !== 0 ? 'group and others' : (st.mode & 0o070) !== 0 ? 'its group' : 'others'} read or write it`);
-    if (st.uid !== uid) problems.push(`is owned by uid ${st.uid}, not by this user (uid ${uid})`);
+    const problems = privacyProblems(st);
     if (problems.length > 0) {
       const fix = `chmod 600 ${path}${st.uid !== uid ? ` and chown it to this user (or make your own copy)` : ''}`;
       if (!insecure) throw new VpnError('USAGE', `${what} ${path} ${problems.join(' and ')}; ${fix}, or pass --insecure-key-file to use it anyway`);
@@ -75,6 +72,19 @@ export function readPrivateFile(path: string, insecure: boolean, what: string): 
     closeSync(fd);
   }
 }
+/**
+ * Why a file with this fstat is not private to this user, as phrases ("has mode 0644, which lets …", "is owned by
+ * uid N, …"); empty when it is: no group or other bits, and this user's.
+ */
+export function privacyProblems(st: { mode: number; uid: number }): string[] {
+  const uid = process.getuid?.() ?? st.uid;
+  const mode = (st.mode & 0o7777).toString(8).padStart(4, '0');
+  const problems: string[] = [];
+  if ((st.mode & 0o077) !== 0) problems.push(`has mode ${mode}, which lets ${(st.mode & 0o070) !== 0 && (st.mode & 0o007) !== 0 ? 'group and others' : (st.mode & 0o070) !== 0 ? 'its group' : 'others'} read or write it`);
+  if (st.uid !== uid) problems.push(`is owned by uid ${st.uid}, not by this user (uid ${uid})`);
+  return problems;
+}
+
 /** Larger than any keyring of MAX_KEYS lines. */
 const MAX_FILE = 4 << 20;
 
