@@ -234,6 +234,9 @@ export async function superviseWorkers(o: SuperviseOptions): Promise<number> {
   const timer = setTimeout(() => failStart(new Error('start timeout')), START_TIMEOUT_MS);
   try {
     await Promise.race([Promise.all(workers.map((w) => w.listening)), startFailed]);
+    // The claim (port 0) listens in the same SO_REUSEPORT group and resets what it accepts: gone before anyone is
+    // told to connect, or the kernel hands it some first connections (a client saw ECONNRESET).
+    claim.release();
     process.stderr.write(`listening on ${shown}\n`);
   } catch (e) {
     if (!stopping) {
