@@ -14,10 +14,9 @@
  * A file that holds `secret` is a key file: it is refused if group or others can read it or another user owns it,
  * as --key files are, unless --insecure-key-file.
  */
-import { closeSync, fstatSync, openSync, readFileSync, constants as fsc } from 'node:fs';
 import { VpnError } from './errors.ts';
 import { log } from './log.ts';
-import { privacyProblems } from './keyring.ts';
+import { privacyProblems, readFileOnce } from './keyring.ts';
 
 /** How a flag takes its value (vpn.ts's option table). */
 export type OptionKind = 'string' | 'boolean' | 'list';
@@ -93,39 +92,19 @@ export function parseConfig(text: string, path: string, command: string, options
  * one holding `secret` must be private like a key file unless `insecure`. Throws USAGE.
  */
 export function readConfig(path: string, command: string, options: Record<string, { kind: OptionKind }>, allowed: readonly string[], insecure: boolean): Config {
-  const failed = (e: unknown) => new VpnError('USAGE', `cannot read config file ${path} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
-  let fd: number;
-  try {
-    fd = openSync(path, fsc.O_RDONLY | fsc.O_NOCTTY | fsc.O_NONBLOCK);
-  } catch (e) {
-    throw failed(e);
-  }
-  try {
-    let st;
-    let text: string;
-    try {
-      st = fstatSync(fd);
-      if (!st.isFile()) throw new VpnError('USAGE', `config file ${path} is not a regular file`);
-      if (st.size > MAX_CONFIG_BYTES) throw new VpnError('USAGE', `config file ${path} is larger than ${MAX_CONFIG_BYTES} bytes`);
-      text = readFileSync(fd, 'utf8');
-    } catch (e) {
-      throw e instanceof VpnError ? e : failed(e);
+  const { text, st } = readFileOnce(path, 'config file', MAX_CONFIG_BYTES);
+  const cfg = parseConfig(text, path, command, options, allowed);
+  if (cfg.flags.secret !== undefined) {
+    const uid = process.getuid?.() ?? st.uid;
+    const problems = privacyProblems(st); // the key files' rule (keyring.ts)
+    if (problems.length > 0) {
+      const what = `config file ${path} holds a secret (line ${cfg.lines.get('secret')}) and ${problems.join(' and ')}`;
+      const fix = `chmod 600 ${path}${st.uid !== uid ? ' and chown it to this user' : ''}, or move the secret to a key file (key = …)`;
+      if (!insecure && cfg.flags['insecure-key-file'] !== true) throw new VpnError('USAGE', `${what}; ${fix}, or pass --insecure-key-file to use it anyway`);
+      log.warn(`warning: ${what}; using it because of --insecure-key-file (${fix})`);
     }
-    const cfg = parseConfig(text, path, command, options, allowed);
-    if (cfg.flags.secret !== undefined) {
-      const uid = process.getuid?.() ?? st.uid;
-      const problems = privacyProblems(st); // the key files' rule (keyring.ts)
-      if (problems.length > 0) {
-        const what = `config file ${path} holds a secret (line ${cfg.lines.get('secret')}) and ${problems.join(' and ')}`;
-        const fix = `chmod 600 ${path}${st.uid !== uid ? ' and chown it to this user' : ''}, or move the secret to a key file (key = …)`;
-        if (!insecure && cfg.flags['insecure-key-file'] !== true) throw new VpnError('USAGE', `${what}; ${fix}, or pass --insecure-key-file to use it anyway`);
-        log.warn(`warning: ${what}; using it because of --insecure-key-file (${fix})`);
-      }
-    }
-    return cfg;
-  } finally {
-    closeSync(fd);
   }
+  return cfg;
 }
 
 /** The file's flags overridden by the command line's (`cli`); `cfg.lines` keeps only the keys that still count. */

@@ -27,7 +27,7 @@
  */
 import { equalBytes, randomBytes } from '@noble/ciphers/utils.js';
 import { _SHA256, sha256 } from '@noble/hashes/sha2.js';
-import { closeSync, fstatSync, openSync, readFileSync, unlinkSync, writeSync, constants as fsc } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, type Stats, unlinkSync, writeSync, constants as fsc } from 'node:fs';
 import { type Cidr, type Cidr6, formatIPv4, formatIPv6, parseIPv4, parseIPv6 } from './address.ts';
 import { VpnError } from './errors.ts';
 import { type ClientKey, KEYFILE_LEN, keysFromKeyFile, type LongTermKeys, type ServerKeys } from './handshake.ts';
@@ -40,6 +40,23 @@ import { log } from './log.ts';
  * read, so what is checked is what is read. Throws USAGE naming the file and the problem.
  */
 export function readPrivateFile(path: string, insecure: boolean, what: string): string {
+  const { text, st } = readFileOnce(path, what, MAX_FILE);
+  const uid = process.getuid?.() ?? st.uid;
+  const problems = privacyProblems(st);
+  if (problems.length > 0) {
+    const fix = `chmod 600 ${path}${st.uid !== uid ? ` and chown it to this user (or make your own copy)` : ''}`;
+    if (!insecure) throw new VpnError('USAGE', `${what} ${path} ${problems.join(' and ')}; ${fix}, or pass --insecure-key-file to use it anyway`);
+    log.warn(`warning: ${what} ${path} ${problems.join(' and ')}; using it because of --insecure-key-file (${fix})`);
+  }
+  return text;
+}
+
+/**
+ * Open `path` once, check the open descriptor (a regular file of at most `max` bytes) and read it: what is checked
+ * is what is read. Returns the text and the fstat (for callers' own checks, privacyProblems). Throws USAGE naming
+ * `what` and the file.
+ */
+export function readFileOnce(path: string, what: string, max: number): { text: string; st: Stats } {
   const failed = (e: unknown) => new VpnError('USAGE', `cannot read ${what} ${path} (${(e as NodeJS.ErrnoException).code ?? 'error'})`);
   let fd: number;
   try {
@@ -48,23 +65,16 @@ export function readPrivateFile(path: string, insecure: boolean, what: string): 
     throw failed(e);
   }
   try {
-    let st;
+    let st: Stats;
     try {
       st = fstatSync(fd);
     } catch (e) {
       throw failed(e);
     }
     if (!st.isFile()) throw new VpnError('USAGE', `${what} ${path} is not a regular file`);
-    const uid = process.getuid?.() ?? st.uid;
-    const problems = privacyProblems(st);
-    if (problems.length > 0) {
-      const fix = `chmod 600 ${path}${st.uid !== uid ? ` and chown it to this user (or make your own copy)` : ''}`;
-      if (!insecure) throw new VpnError('USAGE', `${what} ${path} ${problems.join(' and ')}; ${fix}, or pass --insecure-key-file to use it anyway`);
-      log.warn(`warning: ${what} ${path} ${problems.join(' and ')}; using it because of --insecure-key-file (${fix})`);
-    }
-    if (st.size > MAX_FILE) throw new VpnError('USAGE', `${what} ${path} is larger than ${MAX_FILE >> 20} MiB; it is not a ${what}`);
+    if (st.size > max) throw new VpnError('USAGE', `${what} ${path} is larger than ${max >= 1 << 20 ? `${max >> 20} MiB` : `${max} bytes`}; it is not a ${what}`);
     try {
-      return readFileSync(fd, 'utf8');
+      return { text: readFileSync(fd, 'utf8'), st };
     } catch (e) {
       throw failed(e);
     }
@@ -72,6 +82,7 @@ export function readPrivateFile(path: string, insecure: boolean, what: string): 
     closeSync(fd);
   }
 }
+
 /**
  * Why a file with this fstat is not private to this user, as phrases ("has mode 0644, which lets …", "is owned by
  * uid N, …"); empty when it is: no group or other bits, and this user's.
