@@ -14,7 +14,7 @@
  * that failed is ever delivered, and after a failure the receiver refuses everything.
  */
 import { equalBytes, randomBytes } from '@noble/ciphers/utils.js';
-import { type Engine, type KeyedMac, MAC_LEN } from './engine.ts';
+import { type Engine, type KeyedCbc, type KeyedMac, MAC_LEN } from './engine.ts';
 import type { DirectionKeys } from './handshake.ts';
 import { IV_LEN } from './handshake.ts';
 import { VpnError } from './errors.ts';
@@ -103,6 +103,7 @@ function nextIv(out: Uint8Array): void {
  */
 abstract class Direction {
   protected enc: Uint8Array;
+  protected cipher: KeyedCbc;
   protected mac: KeyedMac;
   protected chain: Uint8Array;
   frames = 0;
@@ -112,6 +113,7 @@ abstract class Direction {
     keys: DirectionKeys,
   ) {
     this.enc = keys.enc;
+    this.cipher = engine.cbc(keys.enc);
     this.mac = engine.mac(keys.mac);
     this.chain = keys.chain0.slice();
   }
@@ -127,7 +129,9 @@ abstract class Direction {
    */
   rekey(keys: DirectionKeys): void {
     this.enc.fill(0);
+    this.cipher.wipe();
     this.enc = keys.enc;
+    this.cipher = this.engine.cbc(keys.enc);
     this.mac = this.engine.mac(keys.mac);
     this.chain = keys.chain0.slice();
   }
@@ -165,7 +169,7 @@ export class ChannelSender extends Direction {
     frame[HEADER_LEN] = type;
     frame.set(payload, HEADER_LEN + TYPE_LEN);
     const ct = frame.subarray(HEADER_LEN, macAt);
-    const sealed = this.engine.encryptCbc(this.enc, iv, frame.subarray(HEADER_LEN, HEADER_LEN + ptLen), true, ct);
+    const sealed = this.cipher.encrypt(iv, frame.subarray(HEADER_LEN, HEADER_LEN + ptLen), true, ct);
     if (sealed !== ct) ct.set(sealed); // an engine that does not write in place
     const tag = this.mac(this.chain, frame.subarray(0, macAt));
     frame.set(tag, macAt);
@@ -279,7 +283,7 @@ export class ChannelReceiver extends Direction {
     let pt: Uint8Array;
     try {
       const ct = f.subarray(HEADER_LEN, ctEnd);
-      pt = this.engine.decryptCbc(this.enc, iv, ct, true, own ? ct : undefined);
+      pt = this.cipher.decrypt(iv, ct, true, own ? ct : undefined);
     } catch {
       // Only a peer holding the MAC key can get here: a verified frame with bad padding is a peer bug.
       this.fail(`frame ${this.frames + 1} has invalid padding`);

@@ -89,6 +89,60 @@ describe('noble and native give identical bytes', () => {
     for (const e of ENGINES) for (const n of [1, 15, 17, 31]) expect(() => e.encryptCbc(key, iv, rand(n), false)).toThrow();
   });
 
+  test('a keyed cbc(key) gives the one-shot bytes for every frame size class, in place and not, and each opens the other', () => {
+    // native's keyed form chains small frames itself over two ECB contexts (≤ 64 bytes out to encrypt, ≤ 4096 in to
+    // decrypt) and hands larger ones to a fresh CBC object: every size on both sides of both bounds.
+    const key = rand(32);
+    const sizes = [...Array.from({ length: 80 }, (_, i) => i), 95, 96, 97, 4063, 4064, 4079, 4080, 4095, 4096, 4097, 9000];
+    for (const e of ENGINES) {
+      const c = e.cbc(key);
+      for (const n of sizes) {
+        const iv = rand(16);
+        const pt = rand(n);
+        const want = nobleEngine.encryptCbc(key, iv, pt, true);
+        expect(hex(c.encrypt(iv, pt, true))).toBe(hex(want));
+        // In place, as channel.ts seals: the plaintext laid out where its ciphertext goes.
+        const buf = new Uint8Array(want.length);
+        buf.set(pt);
+        const sealed = c.encrypt(iv, buf.subarray(0, n), true, buf);
+        expect(hex(sealed)).toBe(hex(want));
+        expect(hex(c.decrypt(iv, want, true))).toBe(hex(pt));
+        const copy = want.slice();
+        expect(hex(c.decrypt(iv, copy, true, copy))).toBe(hex(pt)); // in place, as a reassembled frame is opened
+        if (n % 16 === 0 && n > 0) {
+          const raw = nobleEngine.encryptCbc(key, iv, pt, false);
+          expect(hex(c.encrypt(iv, pt, false))).toBe(hex(raw));
+          expect(hex(c.decrypt(iv, raw, false))).toBe(hex(pt));
+        }
+      }
+      for (const n of [1, 15, 17]) expect(() => c.encrypt(rand(16), rand(n), false)).toThrow();
+      for (const n of [15, 17, 4095]) expect(() => c.decrypt(rand(16), rand(n), true)).toThrow();
+      for (const last of [0x00, 0x11]) {
+        const block = rand(32);
+        block[31] = last;
+        const iv = rand(16);
+        expect(() => c.decrypt(iv, nobleEngine.encryptCbc(key, iv, block, false), true)).toThrow();
+      }
+      c.wipe();
+    }
+  });
+
+  test('cbc(key) keeps a copy of the key: changing the caller\'s array later changes nothing, and wipe() leaves it alone', () => {
+    for (const e of ENGINES) {
+      const key = rand(32);
+      const before = hex(key);
+      const iv = rand(16);
+      const pt = rand(5);
+      const want = hex(nobleEngine.encryptCbc(key, iv, pt, true));
+      const c = e.cbc(key);
+      key.fill(0); // what channel.ts does to a direction's key on a rekey
+      expect(hex(c.encrypt(iv, pt, true))).toBe(want);
+      key.set(Buffer.from(before, 'hex'));
+      c.wipe();
+      expect(hex(key)).toBe(before);
+    }
+  });
+
   test('both engines throw on a bad PKCS#7 pad', () => {
     const key = rand(32);
     const iv = rand(16);

@@ -145,6 +145,17 @@ export function spied(e: Engine): { engine: Engine; decrypts: () => number } {
       n++;
       return e.decryptCbc(...args);
     },
+    cbc(key) {
+      const c = e.cbc(key);
+      return {
+        encrypt: c.encrypt.bind(c),
+        decrypt(...args) {
+          n++;
+          return c.decrypt(...args);
+        },
+        wipe: c.wipe.bind(c),
+      };
+    },
   };
   return { engine, decrypts: () => n };
 }
