@@ -219,7 +219,7 @@ export class ChannelReceiver extends Direction {
    */
   push(chunk: Uint8Array, onRecord: RecordHandler): void {
     if (this.failed) throw this.failed;
-    chunk = plainView(chunk);
+    if (this.engine.name === 'noble') chunk = plainView(chunk); // native takes Buffers at full speed
     let off = 0;
     while (off < chunk.length) {
       if (!this.frame) {

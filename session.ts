@@ -621,7 +621,7 @@ export class Session {
     if (!this.sending) return false;
     let ok = true;
     for (let off = 0; off < data.length; off += MAX_PAYLOAD) {
-      const part = data.subarray(off, Math.min(off + MAX_PAYLOAD, data.length));
+      const part = data.length <= MAX_PAYLOAD ? data : data.subarray(off, Math.min(off + MAX_PAYLOAD, data.length));
       this.counts.bytesOut += part.length;
       this.counts.recordsOut++;
       ok = this.sendRecord(RECORD.DATA, part);

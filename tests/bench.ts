@@ -841,74 +841,101 @@ async function echoOnceInto(entry: number, target: Target): Promise<void> {
  */
 const PING_WARMUP = 10_000;
 
-type Rtt = { median: number; p99: number; coldMedian: number; coldP99: number };
+/** A 1-byte ping-pong over one connection: each `run` times `n` round trips, in µs. */
+class Pinger {
+  private waiting: (() => void) | null = null;
+  private constructor(private readonly s: Socket<undefined>) {}
 
-/** Median and 99th percentile round trip (µs) of a 1-byte ping-pong over one connection to `port`, after PING_WARMUP
- * round trips; `cold…`: the same over the first `count` round trips of the warm-up. */
-async function pingPong(port: number, count: number): Promise<Rtt> {
-  const rtts: number[] = [];
-  const cold: number[] = [];
-  let waiting: (() => void) | null = null;
-  const s = await Bun.connect({
-    hostname: HOST,
-    port,
-    socket: {
-      data() {
-        waiting?.();
-      },
-      error() {},
-    },
-  });
-  try {
+  static async connect(port: number): Promise<Pinger> {
+    let self: Pinger | null = null;
+    const s = await Bun.connect({ hostname: HOST, port, socket: { data: () => self?.waiting?.(), error() {} } });
     s.setNoDelay(true);
-    const deadline = performance.now() + 30000;
-    for (let i = 0; i < count + PING_WARMUP && performance.now() < deadline; i++) {
-      const { promise, resolve } = Promise.withResolvers<void>();
-      waiting = resolve;
-      const t0 = performance.now();
-      s.write(ONE);
-      await withTimeout(promise, 5000, 'ping');
-      const us = (performance.now() - t0) * 1000;
-      if (i >= PING_WARMUP) rtts.push(us);
-      else if (i < count) cold.push(us);
-    }
-  } finally {
-    s.end();
+    self = new Pinger(s);
+    return self;
   }
-  const pct = (a: number[], q: number) => {
-    a.sort((x, y) => x - y);
-    return a[Math.min(a.length - 1, Math.floor(a.length * q))] ?? NaN;
-  };
-  return { median: pct(rtts, 0.5), p99: pct(rtts, 0.99), coldMedian: pct(cold, 0.5), coldP99: pct(cold, 0.99) };
+
+  async run(n: number, out: number[] | null): Promise<void> {
+    for (let i = 0; i < n; i++) {
+      const { promise, resolve } = Promise.withResolvers<void>();
+      this.waiting = resolve;
+      const t0 = performance.now();
+      this.s.write(ONE);
+      await withTimeout(promise, 5000, 'ping');
+      out?.push((performance.now() - t0) * 1000);
+    }
+  }
+
+  end(): void {
+    this.s.end();
+  }
 }
 
+/** Median round trip (µs) of `count` 1-byte ping-pongs over a fresh connection to `port` (no warm-up). */
+async function pingPong(port: number, count: number): Promise<{ median: number }> {
+  const p = await Pinger.connect(port);
+  const rtts: number[] = [];
+  try {
+    await p.run(count, rtts);
+  } finally {
+    p.end();
+  }
+  return { median: percentile(rtts, 0.5) };
+}
+
+const percentile = (a: number[], q: number) => {
+  const s = [...a].sort((x, y) => x - y);
+  return s[Math.min(s.length - 1, Math.floor(s.length * q))] ?? NaN;
+};
+
+/**
+ * Every path is set up first and measured in turns — ROUNDS × BLOCK round trips each, one block of each path after
+ * the other — so that a slow stretch of this shared machine falls on all of them alike instead of on whichever ran
+ * then (single back-to-back runs moved the native/spiped ratio between 1.1 and 1.9).
+ */
 async function latency(): Promise<void> {
-  const count = QUICK ? 500 : 2000;
+  const cold = QUICK ? 500 : 2000;
+  const rounds = QUICK ? 4 : 10;
+  const block = 500;
   const target = new Target('echo');
+  const pairs: Pair[] = [];
+  const pingers: Pinger[] = [];
   try {
     await settle();
-    const direct = await pingPong(target.port, count);
-    record('latency', 'direct round trip, median', direct.median, 'µs', `p99 ${direct.p99.toFixed(0)} µs`);
-    const makers: [string, ((t: number) => Promise<Pair>) | null][] = [
-      ['tunnel noble', (t) => vpnPair(t, 'noble')],
-      ['tunnel native', (t) => vpnPair(t, 'native')],
-      ['spiped pair', SPIPED ? (t) => spipedPair(t) : null],
+    const makers: [string, (() => Promise<Pair>) | null][] = [
+      ['direct', null],
+      ['tunnel noble', () => vpnPair(target.port, 'noble')],
+      ['tunnel native', () => vpnPair(target.port, 'native')],
+      ['spiped pair', SPIPED ? () => spipedPair(target.port) : null],
     ];
+    const paths: { label: string; pinger: Pinger; cold: number[]; warm: number[] }[] = [];
     for (const [label, make] of makers) {
-      if (!make) {
+      if (label !== 'direct' && !make) {
         record('latency', `${label}: added round trip, median`, null, 'µs', 'spiped not installed');
         continue;
       }
-      const pair = await make(target.port);
-      try {
-        const r = await pingPong(pair.entry, count);
-        record('latency', `${label}: added round trip, median`, r.median - direct.median, 'µs', `round trip ${r.median.toFixed(0)} µs, p99 ${r.p99.toFixed(0)} µs`);
-        record('latency', `${label}: round trip, p99`, r.p99, 'µs', `cold (first ${count}): median ${r.coldMedian.toFixed(0)} µs, p99 ${r.coldP99.toFixed(0)} µs`);
-      } finally {
-        await pair.stop();
-      }
+      const pair = make ? await make() : null;
+      if (pair) pairs.push(pair);
+      const pinger = await Pinger.connect(pair ? pair.entry : target.port);
+      pingers.push(pinger);
+      const p = { label, pinger, cold: [] as number[], warm: [] as number[] };
+      await pinger.run(cold, p.cold);
+      await pinger.run(PING_WARMUP - cold, null);
+      paths.push(p);
+    }
+    for (let r = 0; r < rounds; r++) for (const p of paths) await p.pinger.run(block, p.warm);
+    const direct = paths.find((p) => p.label === 'direct')!;
+    const dMedian = percentile(direct.warm, 0.5);
+    record('latency', 'direct round trip, median', dMedian, 'µs', `p99 ${percentile(direct.warm, 0.99).toFixed(0)} µs`);
+    for (const p of paths) {
+      if (p === direct) continue;
+      const median = percentile(p.warm, 0.5);
+      const p99 = percentile(p.warm, 0.99);
+      record('latency', `${p.label}: added round trip, median`, median - dMedian, 'µs', `round trip ${median.toFixed(0)} µs, p99 ${p99.toFixed(0)} µs; ${rounds} × ${block} in turns with the others`);
+      record('latency', `${p.label}: round trip, p99`, p99, 'µs', `cold (first ${cold}): median ${percentile(p.cold, 0.5).toFixed(0)} µs, p99 ${percentile(p.cold, 0.99).toFixed(0)} µs`);
     }
   } finally {
+    for (const p of pingers) p.end();
+    await Promise.all(pairs.map((p) => p.stop()));
     target.stop();
   }
 }
