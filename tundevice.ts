@@ -14,7 +14,8 @@
  * leaves only "more than 16 KiB" free per read, and a TUN read into a short buffer loses the rest), so this path
  * reads with read(2) through bun:ffi into one 64 KiB + header buffer, a packet per call, until EAGAIN (at most
  * READ_BATCH per turn of the event loop). Readiness comes from a small worker thread blocked in poll(2) on the fd:
- * it posts one message when the fd is readable and waits (Atomics) until the main thread has drained it.
+ * it writes one byte to a pipe that the main thread's event loop reads when the fd is readable, and waits (Atomics)
+ * until the main thread has drained it.
  */
 import { closeSync, existsSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
 import { formatPrefix, isCidr6, parsePrefix, type Prefix } from './address.ts';
@@ -43,6 +44,7 @@ const IFREQ_LEN = IFNAMSIZ + 24;
 const CAP_NET_ADMIN = 12;
 /** keeps the fd (and so the interface) out of child processes such as `ip` */
 const O_CLOEXEC = 0o2000000;
+const O_NONBLOCK = 0o4000;
 const EPERM = 1;
 const EBUSY = 16;
 const EINVAL = 22;
@@ -258,6 +260,7 @@ function loadLibc() {
   return dlopen('libc.so.6', {
     ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.u64], returns: FFIType.i32 },
     read: { args: [FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64 },
+    pipe2: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   });
 }
@@ -536,14 +539,33 @@ export class TunDevice {
       }
     };
     this.drainNow = drain;
+    // The poller wakes this thread through a pipe that Bun's own event loop (epoll) reads, not with a worker
+    // message (measured, mean ping RTT through the tunnel: 1.03 → 0.94 ms 50 ms apart, 0.48 → 0.42 ms 2 ms apart).
+    const fds = new Int32Array(2);
+    if (libc!.symbols.pipe2(ptr(fds), O_CLOEXEC | O_NONBLOCK) !== 0) throw new VpnError('NETWORK', `pipe2 failed (errno ${errno()})`);
+    this.wakeFds = [fds[0]!, fds[1]!];
+    const wakes = Bun.file(fds[0]!).stream().getReader() as ReadableStreamDefaultReader<Uint8Array>;
+    void (async () => {
+      try {
+        for (;;) {
+          const { done } = await wakes.read();
+          if (done || this.closed) return;
+          drain();
+        }
+      } catch {
+        // closed
+      }
+    })();
     const w = new Worker(URL.createObjectURL(new Blob([POLLER_SOURCE], { type: 'application/javascript' })));
-    w.onmessage = drain;
-    w.postMessage({ fd: this.fd, state: state.buffer, ms: POLL_MS });
+    w.postMessage({ fd: this.fd, wake: fds[1], state: state.buffer, ms: POLL_MS });
     w.unref();
     this.poller = w;
     this.pollerState = state;
+    this.wakeReader = wakes;
   }
 
+  private wakeFds: [number, number] | null = null;
+  private wakeReader: ReadableStreamDefaultReader<Uint8Array> | null = null;
   private pollerState: Int32Array | null = null;
   private drainNow: (() => void) | null = null;
   private kickPending = false;
@@ -617,6 +639,17 @@ export class TunDevice {
     }
     this.poller?.terminate();
     this.poller = null;
+    if (this.wakeFds) {
+      void this.wakeReader?.cancel().catch(() => {});
+      for (const f of this.wakeFds) {
+        try {
+          closeSync(f);
+        } catch {
+          // the stream closed it
+        }
+      }
+      this.wakeFds = null;
+    }
     try {
       void this.reader?.cancel().catch(() => {});
     } catch {
@@ -632,13 +665,14 @@ export class TunDevice {
 
 /**
  * The poller thread of an offload device: poll(2) the fd (POLLIN, at most `ms` per call so that it sees a close),
- * post one message when it is readable, then wait until the main thread has read it dry (state[0] back to 0).
+ * write one byte to the wake pipe when it is readable, then wait until the main thread has read it dry (state[0] back to 0).
  */
 const POLLER_SOURCE = `
 const { dlopen, FFIType, ptr } = require('bun:ffi');
-const libc = dlopen('libc.so.6', { poll: { args: [FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i32 } });
+const libc = dlopen('libc.so.6', { poll: { args: [FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i32 }, write: { args: [FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64 } });
+const one = new Uint8Array(1);
 self.onmessage = (e) => {
-  const { fd, ms } = e.data;
+  const { fd, wake, ms } = e.data;
   const state = new Int32Array(e.data.state);
   const pfd = new Int32Array([fd, ${POLLIN}]);
   for (let i = 0; Atomics.load(state, 1) === 0; i++) {
@@ -647,7 +681,7 @@ self.onmessage = (e) => {
     if (r > 0) {
       if ((pfd[1] >>> 16) & 0x38) break; // POLLERR|POLLHUP|POLLNVAL in revents: the device is gone
       Atomics.store(state, 0, 1);
-      postMessage(0);
+      libc.symbols.write(wake, ptr(one), 1);
       while (Atomics.load(state, 0) === 1 && Atomics.load(state, 1) === 0) Atomics.wait(state, 0, 1, ms);
     }
   }

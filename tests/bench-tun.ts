@@ -56,9 +56,9 @@ function iperf(ns: string, dst: string, secs: number, reverse: boolean, pids: nu
   return { mbps: j.end.sum_received.bits_per_second / 1e6, cpu };
 }
 
-/** Median ping RTT (ms) of `count` echoes from `ns` to `dst`. */
-function pingMs(ns: string, dst: string, count = 20): number {
-  const each = sh(inNetns(ns, ['ping', '-n', '-c', String(count), '-i', '0.05', '-W', '2', dst]), 20_000)
+/** Median ping RTT (ms) of `count` echoes from `ns` to `dst`, `interval` seconds apart. */
+function pingMs(ns: string, dst: string, count = 20, interval = '0.05'): number {
+  const each = sh(inNetns(ns, ['ping', '-n', '-c', String(count), '-i', interval, '-W', '2', dst]), 30_000)
     .out.split('\n')
     .map((l) => /time=([\d.]+)/.exec(l)?.[1])
     .filter((x) => x !== undefined)
@@ -106,10 +106,13 @@ async function measure(record: Record_, label: string, spaces: { s: string; c: s
     const rev = iperf(spaces.c, dst, secs, true, pids);
     await srvIperf2.exit(5000).catch(() => srvIperf2.kill('SIGKILL'));
     const rtt = pingMs(spaces.c, dst);
+    // Back to back: what a packet costs once the processes are awake (50 ms apart, each echo also wakes them).
+    const busy = pingMs(spaces.c, dst, 500, '0.002');
     const cpuNote = (r: { cpu: number[] }) => (pids[0] ? `client ${r.cpu[1]!.toFixed(0)}% / server ${r.cpu[0]!.toFixed(0)}% of a core` : '');
     record('tun', `${label}: client → server`, fwd.mbps, 'Mbit/s', `iperf3 -t ${secs}, 1 stream; ${cpuNote(fwd)}`);
     record('tun', `${label}: server → client`, rev.mbps, 'Mbit/s', cpuNote(rev));
     record('tun', `${label}: ping RTT, median`, rtt, 'ms', '20 echoes, 50 ms apart');
+    record('tun', `${label}: ping RTT 2 ms apart, median`, busy, 'ms', '500 echoes');
   } catch (e) {
     record('tun', `${label}: client → server`, null, 'Mbit/s', `failed: ${(e as Error).message.slice(0, 120)}`);
   } finally {
@@ -254,4 +257,5 @@ export function tunRatios(get: (section: string, name: string) => number | null,
   add('TUN native / forward native (tunnel section)', div(native, mbit(get('tunnel', 'tunnel native'))), 0.8);
   add('TUN noble / forward noble (tunnel section)', div(noble, mbit(get('tunnel', 'tunnel noble'))), 0.8);
   add('OpenVPN ping RTT / TUN native ping RTT', div(get('tun', 'OpenVPN static key, TCP: ping RTT, median'), get('tun', 'ours native: ping RTT, median')), 1);
+  add('OpenVPN ping RTT / TUN native ping RTT, 2 ms apart', div(get('tun', 'OpenVPN static key, TCP: ping RTT 2 ms apart, median'), get('tun', 'ours native: ping RTT 2 ms apart, median')));
 }
