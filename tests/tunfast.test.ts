@@ -6,10 +6,9 @@
  * 10.75.0.0/24 and fd00:75::/64 in the tunnel): TCP transfers through the tunnel checked byte for byte (SHA-256 at
  * both ends) with offloads on, off, and mixed either way; UDP and ICMP; the largest packet and the smallest MTU.
  *
- * Sizes: one transfer is 256 MiB (offloads on, client → server, the path the issue is about: at ~1 Gbit/s it takes
- * a few seconds); the others are 16–64 MiB — the plain and mixed paths run at 100–200 Mbit/s on the 2-core CI
- * machine, so 256 MiB there would be 10–20 s each, and they check the same per-packet code at any size above a
- * few MiB (thousands of super-segments cut, thousands of checksums completed).
+ * Sizes: 256 MiB with offloads on, with them off, and in each mixed pair in the direction where the offload end
+ * cuts super-segments for its plain peer (the issue's three cases); the way back and the edge cases are 16–64 MiB.
+ * The plain and mixed paths run at 200–300 Mbit/s on the 2-core CI machine, so each 256 MiB there takes 7–12 s.
  */
 import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -613,24 +612,29 @@ describe.skipIf(skip !== null)('end to end, in network namespaces', () => {
     expect(logs.cli).toMatch(/, 0 bad offload headers/);
   }, 90_000);
 
-  test('offloads off at both ends (VPN_TUN_OFFLOAD=off): 32 MiB each way byte for byte, one packet per record as before', async () => {
+  test('offloads off at both ends (VPN_TUN_OFFLOAD=off): 256 MiB byte for byte, 16 MiB back over IPv6, one packet per record as before', async () => {
     const t = await tunnel({ server: false, client: false });
     expect(t.srv.stderr).not.toMatch(/offloads on/);
-    const a = await transfer(NS.c, NS.s, '10.75.0.1', 32 << 20);
+    const a = await transfer(NS.c, NS.s, '10.75.0.1', 256 << 20);
     expect(a.got).toEqual(a.sent);
+    expect(a.sent.bytes).toBe(256 << 20);
     const b = await transfer(NS.s, NS.c, 'fd00:75::2', 16 << 20);
     expect(b.got).toEqual(b.sent);
     await t.stop();
-  }, 60_000);
+  }, 120_000);
 
   for (const [server, client] of [[true, false], [false, true]] as const) {
-    test(`mixed, offloads only at the ${server ? 'server' : 'client'}: it cuts super-segments with correct checksums for its peer, 32 MiB each way byte for byte, UDP of the largest size too`, async () => {
+    test(`mixed, offloads only at the ${server ? 'server' : 'client'}: it cuts super-segments with correct checksums for its peer, 256 MiB from it and 32 MiB to it byte for byte, UDP of the largest size too`, async () => {
       const t = await tunnel({ server, client });
       expect(t.cli.stderr).not.toMatch(/^offloads on/m);
-      const a = await transfer(NS.c, NS.s, '10.75.0.1', 32 << 20);
-      expect(a.got).toEqual(a.sent);
-      const b = await transfer(NS.s, NS.c, '10.75.0.2', 32 << 20);
+      // 256 MiB in the direction where the offload end reads super-segments and must cut them for its plain peer
+      const [big, small] = server ? [256 << 20, 32 << 20] : [32 << 20, 256 << 20];
+      const b = await transfer(NS.s, NS.c, '10.75.0.2', big);
       expect(b.got).toEqual(b.sent);
+      expect(b.sent.bytes).toBe(big);
+      const a = await transfer(NS.c, NS.s, '10.75.0.1', small);
+      expect(a.got).toEqual(a.sent);
+      expect(a.sent.bytes).toBe(small);
       // UDP with the kernel's pending checksum: completed for the plain peer, or its kernel drops the datagram
       const sizes = [1, 512, 1371 - 28, 1371 - 48];
       const rx = new Proc(inNetns(NS.s, ['python3', '-u', join(work, 'udp.py'), 'recv', '10.75.0.1', '6001', String(sizes.length)]));
@@ -639,7 +643,7 @@ describe.skipIf(skip !== null)('end to end, in network namespaces', () => {
       expect(await rx.exit()).toBe(0);
       expect(JSON.parse(new TextDecoder().decode(await rx.stdoutBytes).trim())).toEqual(sizes);
       await t.stop();
-    }, 60_000);
+    }, 150_000);
   }
 
   test('ICMP of both families passes with offloads on; the largest packet (MTU 1371) goes through with DF set and one byte more does not', async () => {
