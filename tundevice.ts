@@ -13,9 +13,10 @@
  * virtio_net_hdr and one packet of up to 64 KiB (a TCP super-segment). Bun's reader could cut such a packet (it
  * leaves only "more than 16 KiB" free per read, and a TUN read into a short buffer loses the rest), so this path
  * reads with read(2) through bun:ffi into one 64 KiB + header buffer, a packet per call, until EAGAIN (at most
- * READ_BATCH per turn of the event loop). Readiness comes from a small worker thread blocked in poll(2) on the fd:
- * it writes one byte to a pipe that the main thread's event loop reads when the fd is readable, and waits (Atomics)
- * until the main thread has drained it.
+ * READ_BATCH per turn of the event loop). Readiness comes from the kernel as SIGIO (O_ASYNC, owned by the main
+ * thread), one signal per packet queued; where that is refused, from a small worker thread blocked in poll(2) on the
+ * fd, which writes one byte to a pipe that the main thread's event loop reads and waits (Atomics) until the main
+ * thread has drained the device.
  */
 import { closeSync, existsSync, openSync, readFileSync, writeSync, constants as fsc } from 'node:fs';
 import { formatPrefix, isCidr6, parsePrefix, type Prefix } from './address.ts';
@@ -45,6 +46,12 @@ const CAP_NET_ADMIN = 12;
 /** keeps the fd (and so the interface) out of child processes such as `ip` */
 const O_CLOEXEC = 0o2000000;
 const O_NONBLOCK = 0o4000;
+const O_ASYNC = 0o20000;
+const F_GETFL = 3;
+const F_SETFL = 4;
+/** fcntl F_SETOWN_EX with struct f_owner_ex { int type; pid_t pid; }, type F_OWNER_TID: signal one thread */
+const F_SETOWN_EX = 15;
+const F_OWNER_TID = 0;
 const EPERM = 1;
 const EBUSY = 16;
 const EINVAL = 22;
@@ -261,6 +268,7 @@ function loadLibc() {
     ioctl: { args: [FFIType.i32, FFIType.u64, FFIType.u64], returns: FFIType.i32 },
     read: { args: [FFIType.i32, FFIType.ptr, FFIType.u64], returns: FFIType.i64 },
     pipe2: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.i32 },
+    fcntl: { args: [FFIType.i32, FFIType.i32, FFIType.i64], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   });
 }
@@ -533,12 +541,13 @@ export class TunDevice {
       });
       if (failed) return;
       if (more) setImmediate(drain);
-      else {
+      else if (this.poller) {
         Atomics.store(state, 0, 0);
         Atomics.notify(state, 0);
       }
     };
     this.drainNow = drain;
+    if (this.startSigio(drain)) return;
     // The poller wakes this thread through a pipe that Bun's own event loop (epoll) reads, not with a worker
     // message (measured, mean ping RTT through the tunnel: 1.03 → 0.94 ms 50 ms apart, 0.48 → 0.42 ms 2 ms apart).
     const fds = new Int32Array(2);
@@ -564,6 +573,30 @@ export class TunDevice {
     this.wakeReader = wakes;
   }
 
+  /**
+   * Readiness by signal: with O_ASYNC and the main thread as the owner (F_SETOWN_EX, F_OWNER_TID), the kernel sends
+   * SIGIO to this thread for every packet queued on the device, which interrupts its epoll wait; Bun runs the
+   * handler on its event loop. That is one wake-up per packet instead of the poller thread's two (measured here: a
+   * thread that polls and then wakes the main thread costs ~150 µs at the median, a SIGIO ~70 µs). False when the
+   * kernel refuses, and the poller is used instead.
+   */
+  private startSigio(drain: () => void): boolean {
+    if (process.env.VPN_TUN_WAKE === 'poller') return false;
+    const { ptr } = require('bun:ffi') as typeof import('bun:ffi');
+    installSigio(); // before O_ASYNC: SIGIO's default action ends the process
+    const owner = new Int32Array([F_OWNER_TID, process.pid]); // the main thread's id is the process id
+    const fl = libc!.symbols.fcntl(this.fd, F_GETFL, 0n);
+    if (libc!.symbols.fcntl(this.fd, F_SETOWN_EX, BigInt(ptr(owner))) !== 0 || fl < 0 || libc!.symbols.fcntl(this.fd, F_SETFL, BigInt(fl | O_ASYNC)) !== 0) {
+      log.info(`vpn: ${this.name}: no SIGIO (errno ${errno()}); a poller thread reports readiness`);
+      return false;
+    }
+    sigioDrains.add(drain);
+    this.sigioDrain = drain;
+    drain(); // whatever was queued before O_ASYNC was set raises no signal
+    return true;
+  }
+
+  private sigioDrain: (() => void) | null = null;
   private wakeFds: [number, number] | null = null;
   private wakeReader: ReadableStreamDefaultReader<Uint8Array> | null = null;
   private pollerState: Int32Array | null = null;
@@ -639,6 +672,8 @@ export class TunDevice {
     }
     this.poller?.terminate();
     this.poller = null;
+    if (this.sigioDrain) sigioDrains.delete(this.sigioDrain);
+    this.sigioDrain = null;
     if (this.wakeFds) {
       void this.wakeReader?.cancel().catch(() => {});
       for (const f of this.wakeFds) {
@@ -661,6 +696,22 @@ export class TunDevice {
       // the stream may have closed it
     }
   }
+}
+
+/** Every offload device's drain that SIGIO readiness serves (one per device; a process usually has one). */
+const sigioDrains = new Set<() => void>();
+let sigioInstalled = false;
+
+/**
+ * One SIGIO listener for the life of the process, never removed: removing it would restore the default action,
+ * and a signal still on its way from a device being closed would end the process.
+ */
+function installSigio(): void {
+  if (sigioInstalled) return;
+  sigioInstalled = true;
+  process.on('SIGIO', () => {
+    for (const d of sigioDrains) d();
+  });
 }
 
 /**

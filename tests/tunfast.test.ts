@@ -11,7 +11,7 @@
  * The plain and mixed paths run at 200–300 Mbit/s on the 2-core CI machine, so each 256 MiB there takes 7–12 s.
  */
 import { afterAll, afterEach, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Proc, ROOT, VPN } from './helpers.ts';
@@ -533,17 +533,17 @@ const hex = (h: VnetHdr, p: Uint8Array) => {
   return Buffer.from(f).toString('hex');
 };
 
-const env = (offload: boolean) => ({ ...(process.env as Record<string, string>), VPN_TUN_OFFLOAD: offload ? 'on' : 'off' });
+const env = (offload: boolean, extra: Record<string, string> = {}) => ({ ...(process.env as Record<string, string>), VPN_TUN_OFFLOAD: offload ? 'on' : 'off', ...extra });
 
 /** A server and a client, each with offloads or without; resolves once the tunnel is up. */
-async function tunnel(o: { server: boolean; client: boolean; tun?: string[]; mtu?: number }) {
+async function tunnel(o: { server: boolean; client: boolean; tun?: string[]; mtu?: number; clientEnv?: Record<string, string> }) {
   const port = nextPort++;
   const tun = (o.tun ?? ['10.75.0.1/24', 'fd00:75::1/64']).flatMap((t) => ['--tun', t]);
   const srv = new Proc(inNetns(NS.s, ['bun', VPN, 'serve', '--listen', `${SERVER}:${port}`, ...tun, '--key', key, '--engine', 'native', ...(o.mtu ? ['--mtu', String(o.mtu)] : [])]), { env: env(o.server) });
   live.push(srv);
   await srv.waitFor(/^listening on /m);
   // The client turns offloads off by its flag (--no-offload), the server by its environment: both ways are tested.
-  const cli = new Proc(inNetns(NS.c, ['bun', VPN, 'connect', `${SERVER}:${port}`, '--tun', 'auto', '--key', key, '--engine', 'native', ...(o.client ? [] : ['--no-offload'])]), { env: env(true) });
+  const cli = new Proc(inNetns(NS.c, ['bun', VPN, 'connect', `${SERVER}:${port}`, '--tun', 'auto', '--key', key, '--engine', 'native', ...(o.client ? [] : ['--no-offload'])]), { env: env(true, o.clientEnv) });
   live.push(cli);
   await cli.waitFor(/^tunnel up: /m);
   const stop = async () => {
@@ -645,6 +645,36 @@ describe.skipIf(skip !== null)('end to end, in network namespaces', () => {
       await t.stop();
     }, 150_000);
   }
+
+  /** The open flags of `pid`'s descriptor on /dev/net/tun, from /proc (octal in fdinfo). */
+  const tunFdFlags = (pid: number): number => {
+    for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+      let target = '';
+      try {
+        target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+      } catch {
+        continue;
+      }
+      if (target === '/dev/net/tun') return parseInt(/^flags:\s*([0-7]+)/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))![1]!, 8);
+    }
+    throw new Error(`no /dev/net/tun descriptor in process ${pid}`);
+  };
+  const O_ASYNC = 0o20000;
+
+  test('readiness: an offload device signals its packets (SIGIO, O_ASYNC on the descriptor); with VPN_TUN_WAKE=poller a poller thread does instead; both carry 16 MiB byte for byte and answer pings', async () => {
+    for (const wake of ['sigio', 'poller'] as const) {
+      const t = await tunnel({ server: true, client: true, clientEnv: wake === 'poller' ? { VPN_TUN_WAKE: 'poller' } : {} });
+      expect(tunFdFlags(t.srv.pid) & O_ASYNC).toBe(O_ASYNC);
+      expect(tunFdFlags(t.cli.pid) & O_ASYNC).toBe(wake === 'sigio' ? O_ASYNC : 0);
+      const a = await transfer(NS.c, NS.s, '10.75.0.1', 16 << 20);
+      expect(a.got).toEqual(a.sent);
+      const b = await transfer(NS.s, NS.c, '10.75.0.2', 16 << 20);
+      expect(b.got).toEqual(b.sent);
+      const ping = sh(inNetns(NS.c, ['ping', '-c', '20', '-i', '0.01', '-W', '2', '10.75.0.1']));
+      expect(ping.out).toMatch(/20 received/);
+      await t.stop();
+    }
+  }, 90_000);
 
   test('ICMP of both families passes with offloads on; the largest packet (MTU 1371) goes through with DF set and one byte more does not', async () => {
     const t = await tunnel({ server: true, client: true });
