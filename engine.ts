@@ -8,11 +8,12 @@
  * Both produce identical bytes for identical inputs; tests/engine.test.ts cross-checks them. Key derivation
  * (HKDF, scrypt, SHA-256 of the transcript) runs once per process or handshake and always uses noble.
  *
- * The data path calls `encryptCbc`/`decryptCbc`/`mac` once per frame, so both engines avoid per-call waste: noble
- * encrypts and decrypts into a caller's buffer (in place, for a frame) and computes every MAC in one shared HMAC
- * instance instead of cloning one per message; native writes its cipher output straight into the caller's buffer
- * and unpads itself (no concatenation), and keeps the KeyObject of an X25519 key it generated so that the shared
- * secret does not re-import, and re-derive, the secret key.
+ * The data path prepares each direction's keys once (`cbc(key)`, `mac(key)`) and calls them once per frame, so both
+ * engines avoid per-call waste: noble encrypts and decrypts into a caller's buffer (in place, for a frame) and
+ * computes every MAC in one shared HMAC instance instead of cloning one per message; native keeps two ECB contexts
+ * per key and chains small frames itself (NativeCbc), MACs with a keyed Bun CryptoHasher copied per message, unpads
+ * itself (no concatenation), and keeps the KeyObject of an X25519 key it generated so that the shared secret does not
+ * re-import, and re-derive, the secret key. The one-shot `encryptCbc`/`decryptCbc` serve the handshake.
  */
 import { cbc } from '@noble/ciphers/aes.js';
 import { x25519 } from '@noble/curves/ed25519.js';
