@@ -101,8 +101,23 @@ export function keyHint(mac: KeyedMac, ra: Uint8Array): Uint8Array {
   return mac(ra).subarray(0, HINT_LEN);
 }
 
-/** ServerKeys for one key (`serve --key`): version 1 and 2 clients, and version 3 ones whose hint it matches. */
+/** sharedKey(keys) for each unnamed key in use: a server makes it once, not once per connection. */
+const sharedKeys = new WeakMap<LongTermKeys, ServerKeys>();
+
+/**
+ * ServerKeys for one key (`serve --key`): version 1 and 2 clients, and version 3 ones whose hint it matches. Without a
+ * name the answer is made once per key and shared: every session held its own keyed HMAC (about 2.5 KiB) before.
+ */
 export function sharedKey(keys: LongTermKeys, name: string | null = null): ServerKeys {
+  if (name === null) {
+    let k = sharedKeys.get(keys);
+    if (!k) sharedKeys.set(keys, (k = makeSharedKey(keys, null)));
+    return k;
+  }
+  return makeSharedKey(keys, name);
+}
+
+function makeSharedKey(keys: LongTermKeys, name: string | null): ServerKeys {
   const entry: ClientKey = { name, keys };
   const mac = keys.hint ? hintMac(keys.hint) : null;
   return {

@@ -25,8 +25,10 @@ import {
   type RandomSource,
   REFUSE_V1,
   ServerHandshake,
+  sharedKey,
   VERSION_1,
   VERSION_2,
+  VERSION_3,
 } from '../handshake.ts';
 import { spied } from './helpers.ts';
 
@@ -121,6 +123,20 @@ describe('both sides derive the same traffic keys (§5)', () => {
     const b = handshake(v, nativeEngine, nativeEngine, lt).client.keys!;
     const all = [...keyHex(a.send), ...keyHex(a.recv), ...keyHex(b.send), ...keyHex(b.recv)];
     expect(new Set(all).size).toBe(12);
+  });
+});
+
+describe('one key, many connections', () => {
+  test('a server prepares its one key once: every connection shares it (a keyed HMAC each was 2.5 KiB per session), a named entry is its own', () => {
+    const keys = freshSecret();
+    expect(sharedKey(keys)).toBe(sharedKey(keys));
+    expect(sharedKey(freshSecret())).not.toBe(sharedKey(keys));
+    expect(sharedKey(keys, 'alice')).not.toBe(sharedKey(keys, 'alice'));
+    // and through the shared one, handshakes of every version (v3 finds the key by its hint) still complete
+    for (const v of [VERSION_1, VERSION_2, VERSION_3, VERSION_3]) {
+      const { client, server } = handshake(v, nobleEngine, nativeEngine, keys);
+      expect(keyHex(server.keys!.recv)).toEqual(keyHex(client.keys!.send));
+    }
   });
 });
 
