@@ -13,7 +13,7 @@
  * The 1 GiB soak runs with VPN_SOAK_1G=1.
  */
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from 'bun:test';
-import { fdCount, forwardPair, keygen, Proc, random, rssKiB, sha256, tempDir, until, VPN as VPN_PATH, VpnProcess } from './helpers.ts';
+import { echoTarget, fdCount, forwardPair, keygen, Proc, random, rssKiB, sha256, tempDir, until, VPN as VPN_PATH, VpnProcess } from './helpers.ts';
 import {
   feedQuietly,
   HashSink,
@@ -371,48 +371,6 @@ describe('a man in the middle on the CONFIG records that end the handshake', () 
 });
 
 // ---------------------------------------------------------------------------------------------------------------
-/** A TCP echo server standing in for the service behind `serve --forward`; counts the connections it gets. */
-function echoTarget() {
-  const stats = { conns: 0 };
-  // What the socket did not take yet is queued and flushed on drain, and the FIN waits for it: under a flood the
-  // tunnel is slow to read, and a dropped rest (or an end() before it is out) would cut the echo.
-  type Echo = { q: Uint8Array[]; ending: boolean };
-  const flush = (s: import('bun').Socket<Echo>) => {
-    while (s.data.q.length > 0) {
-      const head = s.data.q[0]!;
-      const n = s.write(head);
-      if (n < head.length) {
-        s.data.q[0] = head.subarray(Math.max(n, 0));
-        return;
-      }
-      s.data.q.shift();
-    }
-    if (s.data.ending) s.shutdown();
-  };
-  const listener = Bun.listen<Echo>({
-    hostname: '127.0.0.1',
-    port: 0,
-    allowHalfOpen: true,
-    data: { q: [], ending: false },
-    socket: {
-      open: (s) => {
-        s.data = { q: [], ending: false };
-        stats.conns++;
-      },
-      data: (s, d) => {
-        s.data.q.push(new Uint8Array(d));
-        flush(s);
-      },
-      drain: (s) => flush(s),
-      end: (s) => {
-        s.data.ending = true;
-        flush(s);
-      },
-    },
-  });
-  return { listener, stats, port: listener.port, [Symbol.dispose]: () => listener.stop(true) };
-}
-
 /** A good client through `connect --local`: 4 KiB out, FIN, and the same 4 KiB echoed back before the close. */
 async function echoRoundTrip(localPort: number, size = 4096, ms = 10000): Promise<void> {
   const payload = random(size);

@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Subprocess } from 'bun';
+import type { Socket, Subprocess } from 'bun';
 import type { Engine } from '../engine.ts';
 
 export const ROOT = join(import.meta.dir, '..');
@@ -273,4 +273,62 @@ export class Pty {
     }
     this.p.kill('SIGKILL');
   }
+}
+
+/**
+ * A TCP echo target standing in for the service behind `serve --forward`: each connection is echoed back; what the
+ * socket does not take yet is queued and flushed on drain, and the FIN waits for it (under a flood the tunnel is slow
+ * to read, and a dropped rest, or an end() before it is out, would cut the echo). Counts the connections it gets.
+ * With `proxied`, it first reads the PROXY v1 line `serve --proxy-protocol` sends and keeps it in `headers`.
+ */
+export function echoTarget(proxied = false) {
+  type Echo = { q: Uint8Array[]; ending: boolean; head: string | null };
+  const headers: string[] = [];
+  const stats = { conns: 0 };
+  const flush = (s: Socket<Echo>) => {
+    while (s.data.q.length > 0) {
+      const head = s.data.q[0]!;
+      const n = s.write(head);
+      if (n < head.length) {
+        s.data.q[0] = head.subarray(Math.max(n, 0));
+        return;
+      }
+      s.data.q.shift();
+    }
+    if (s.data.ending) s.shutdown();
+  };
+  const listener = Bun.listen<Echo>({
+    hostname: '127.0.0.1',
+    port: 0,
+    allowHalfOpen: true,
+    data: { q: [], ending: false, head: null },
+    socket: {
+      open: (s) => {
+        s.data = { q: [], ending: false, head: proxied ? '' : null };
+        stats.conns++;
+      },
+      data: (s, d) => {
+        let bytes = new Uint8Array(d);
+        if (s.data.head !== null) {
+          const text = s.data.head + Buffer.from(bytes).toString('latin1');
+          const nl = text.indexOf('\r\n');
+          if (nl < 0) {
+            s.data.head = text;
+            return;
+          }
+          headers.push(text.slice(0, nl));
+          bytes = new Uint8Array(Buffer.from(text.slice(nl + 2), 'latin1'));
+          s.data.head = null;
+        }
+        s.data.q.push(bytes);
+        flush(s);
+      },
+      drain: (s) => flush(s),
+      end: (s) => {
+        s.data.ending = true;
+        flush(s);
+      },
+    },
+  });
+  return { listener, stats, headers, port: listener.port, [Symbol.dispose]: () => listener.stop(true) };
 }

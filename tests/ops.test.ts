@@ -14,7 +14,7 @@ import { keysFromKeyFile } from '../handshake.ts';
 import { Link, type LinkData } from '../net.ts';
 import { encodeProxyV2 } from '../proxy.ts';
 import { type Json, Session } from '../session.ts';
-import { keygen, Proc, random, sha256, tempDir, until, VPN, VpnProcess } from './helpers.ts';
+import { echoTarget, keygen, Proc, random, sha256, tempDir, until, VPN, VpnProcess } from './helpers.ts';
 
 setDefaultTimeout(20_000);
 
@@ -38,58 +38,6 @@ async function statusJson(control: string): Promise<any> {
   const r = await run(['status', '--control', control, '--json']);
   if (r.code !== 0) throw new Error(`status exited ${r.code}: ${r.err}`);
   return JSON.parse(r.out);
-}
-
-/**
- * A TCP echo target: each connection is echoed back (queued on backpressure, FIN after the rest). With `proxied`,
- * it first reads the PROXY v1 line `serve --proxy-protocol` sends and keeps it.
- */
-function echoTarget(proxied = false) {
-  type Echo = { q: Uint8Array[]; ending: boolean; head: string | null };
-  const headers: string[] = [];
-  const flush = (s: Socket<Echo>) => {
-    while (s.data.q.length > 0) {
-      const h = s.data.q[0]!;
-      const n = s.write(h);
-      if (n < h.length) {
-        s.data.q[0] = h.subarray(Math.max(n, 0));
-        return;
-      }
-      s.data.q.shift();
-    }
-    if (s.data.ending) s.shutdown();
-  };
-  const listener = Bun.listen<Echo>({
-    hostname: '127.0.0.1',
-    port: 0,
-    allowHalfOpen: true,
-    data: { q: [], ending: false, head: null },
-    socket: {
-      open: (s) => void (s.data = { q: [], ending: false, head: proxied ? '' : null }),
-      data: (s, d) => {
-        let bytes = new Uint8Array(d);
-        if (s.data.head !== null) {
-          const text = s.data.head + Buffer.from(bytes).toString('latin1');
-          const nl = text.indexOf('\r\n');
-          if (nl < 0) {
-            s.data.head = text;
-            return;
-          }
-          headers.push(text.slice(0, nl));
-          bytes = new Uint8Array(Buffer.from(text.slice(nl + 2), 'latin1'));
-          s.data.head = null;
-        }
-        s.data.q.push(bytes);
-        flush(s);
-      },
-      drain: (s) => flush(s),
-      end: (s) => {
-        s.data.ending = true;
-        flush(s);
-      },
-    },
-  });
-  return { port: listener.port, headers, [Symbol.dispose]: () => listener.stop(true) };
 }
 
 /**
